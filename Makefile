@@ -1,0 +1,48 @@
+# pyimgcrypt: `make demo` runs the main job for real, `make test` runs every test.
+# Both install what they need (Debian packages and a virtualenv in .venv) first; run as root.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3 python3-venv openssl containerd runc skopeo docker-registry umoci \
+	busybox-static ca-certificates
+
+.PHONY: deps venv lint unit integration test demo package bench clean
+
+deps: venv
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; }
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,package]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check decoder tests integration
+	$(VENV)/bin/mypy
+
+unit: deps
+	$(VENV)/bin/pytest -q tests
+
+integration: deps
+	$(VENV)/bin/pytest -q integration
+
+test: deps lint
+	$(VENV)/bin/pytest tests integration
+
+demo: deps
+	$(PY) integration/demo.py
+
+package: venv
+	bash packaging/build.sh
+
+clean:
+	rm -rf build dist $(VENV) *.egg-info

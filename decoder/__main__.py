@@ -1,0 +1,5 @@
+"""`python -m decoder` runs ctd-decoder."""
+
+from decoder.cli import main
+
+raise SystemExit(main())

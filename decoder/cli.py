@@ -1,0 +1,88 @@
+"""ctd-decoder's command line: the arguments containerd passes, stderr and the exit code.
+
+Accepts upstream's flag forms (`--decryption-keys-path DIR`, `--decryption-keys-path=DIR`,
+`-decryption-keys-path DIR`), repeatable. Any DecoderError becomes one line on stderr and
+exit status 1; stdout carries nothing but plaintext. Set CTD_DECODER_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from decoder import __version__
+
+USAGE = """\
+usage: ctd-decoder [--decryption-keys-path DIR]... [--keyprovider-config FILE]
+
+Decrypts one ocicrypt-encrypted OCI layer for containerd: ciphertext on stdin, the layer
+descriptor in a payload on fd 3, plaintext on stdout.
+
+options:
+  --decryption-keys-path DIR  a directory of private keys (walked recursively, symlinks
+                              followed; KEY.password beside KEY holds its password)
+  --keyprovider-config FILE   key-provider configuration (as OCICRYPT_KEYPROVIDER_CONFIG)
+  --help                      show this help and exit
+  --version                   show the version and exit
+"""
+
+_VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config"}
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
+    """Return (values per flag, "help"/"version"/None); raise UsageError on bad arguments."""
+    from decoder.errors import UsageError
+
+    values: dict[str, list[str]] = {name: [] for name in _VALUE_FLAGS}
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        if arg in ("-h", "-help", "--help"):
+            return values, "help"
+        if arg in ("-v", "-version", "--version"):
+            return values, "version"
+        if not arg.startswith("-") or arg in ("-", "--"):
+            raise UsageError(f"unexpected argument {arg!r} (see --help)")
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name not in _VALUE_FLAGS:
+            raise UsageError(f"unknown option {arg.partition('=')[0]!r} (see --help)")
+        if not has_value:
+            if index >= len(argv):
+                raise UsageError(f"option --{name} needs a value")
+            value = argv[index]
+            index += 1
+        values[name].append(value)
+    return values, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ctd-decoder console script."""
+    from decoder.errors import DecoderError
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        values, action = parse_args(args)
+        if action == "help":
+            sys.stdout.write(USAGE)
+            return 0
+        if action == "version":
+            sys.stdout.write(f"ctd-decoder {__version__}\n")
+            return 0
+        from decoder import decode
+
+        provider_configs = values["keyprovider-config"]
+        options = decode.Options(
+            key_directories=values["decryption-keys-path"],
+            keyprovider_config=provider_configs[-1] if provider_configs else
+            os.environ.get("OCICRYPT_KEYPROVIDER_CONFIG"),
+        )
+        warnings = decode.run(options)
+    except DecoderError as e:
+        if os.environ.get("CTD_DECODER_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"ctd-decoder: {e}\n")
+        return 1
+    for warning in warnings:
+        sys.stderr.write(f"ctd-decoder: warning: {warning}\n")
+    return 0

@@ -1,0 +1,47 @@
+"""The decoder pipeline, and the only module that knows its order:
+payload (fd 3) -> media-type gate -> public options -> keys -> unwrap -> layer cipher -> stdout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from decoder import keywrap, layercipher
+from decoder.errors import LayerOptionsError
+from decoder.keys import load_keyring
+from decoder.payload import parse_payload, read_payload_fd
+from decoder.spec import ENCRYPTED_TO_PLAIN
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line says."""
+
+    key_directories: list[str] = field(default_factory=list)
+    keyprovider_config: str | None = None
+
+
+def check_media_type(media_type: str) -> None:
+    if media_type not in ENCRYPTED_TO_PLAIN:
+        shown = media_type or "(none)"
+        raise LayerOptionsError(
+            f"layer media type {shown} is not an encrypted layer type this decoder handles; "
+            "expected an OCI or Docker tar, tar+gzip or tar+zstd type ending in +encrypted"
+        )
+
+
+def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
+    """Decrypt one layer from in_fd to out_fd. Returns warnings for stderr."""
+    payload = parse_payload(read_payload_fd())
+    descriptor = payload.descriptor
+    check_media_type(descriptor.media_type)
+    public = layercipher.parse_public_options(descriptor.annotations)
+    layercipher.check_public_options(public)
+    ring = load_keyring(options.key_directories, payload.parameters)
+    layer = descriptor.digest or "(no digest)"
+    private_json = keywrap.unwrap_private_options(descriptor.annotations, ring, layer)
+    private = layercipher.parse_private_options(private_json)
+    params = layercipher.cipher_parameters(private, public)
+    expected_size = descriptor.size if descriptor.size > 0 else None
+    layercipher.decrypt_stream(params, in_fd, out_fd, expected_size)
+    return ring.warnings

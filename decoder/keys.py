@@ -1,0 +1,414 @@
+"""Where the decoder's private keys come from, and what each file turned out to be.
+
+Key directories (`--decryption-keys-path`) are walked recursively in name order. Symbolic
+links are followed, so a Kubernetes Secret or ConfigMap volume (files that link through
+`..data`) works; a link that leaves the directory or loops back is skipped with a warning,
+and each real file is read once. A file that is not a usable private key never stops
+decryption: it is recorded with the reason and named if no key opens the layer.
+
+A key file NAME may have its password in NAME.password beside it (one trailing newline is
+dropped). Payload keys (`privkeys` with `privkeys-passwords`, `x509s`) follow directory keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from decoder.errors import KeyLoadError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+    from cryptography.x509 import Certificate
+
+    PrivateKeyType = RSAPrivateKey | EllipticCurvePrivateKey
+
+PASSWORD_SUFFIX = ".password"
+MAX_KEY_FILE_BYTES = 1024 * 1024
+
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL
+)
+_PRIVATE_PEM_TYPES = {b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY",
+                      b"ENCRYPTED PRIVATE KEY"}
+_PUBLIC_PEM_TYPES = {b"PUBLIC KEY", b"RSA PUBLIC KEY"}
+_IGNORED_PEM_TYPES = {b"EC PARAMETERS"}
+_EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+@dataclass(frozen=True)
+class PrivateKey:
+    """A usable private key and where it came from."""
+
+    source: str
+    key: PrivateKeyType
+    description: str
+
+
+@dataclass(frozen=True)
+class CertificateEntry:
+    """An x509 certificate (used by PKCS7 unwrapping) and where it came from."""
+
+    source: str
+    certificate: Certificate
+
+
+@dataclass
+class KeyRing:
+    """Everything the key sources yielded, in the order keys are tried."""
+
+    private_keys: list[PrivateKey] = field(default_factory=list)
+    certificates: list[CertificateEntry] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped.append((source, reason))
+
+
+def load_keyring(
+    directories: list[str], parameters: dict[str, list[bytes | None]]
+) -> KeyRing:
+    """Collect keys from the key directories first, then from the payload parameters."""
+    ring = KeyRing()
+    for directory in directories:
+        _load_directory(directory, ring)
+    passwords = parameters.get("privkeys-passwords", [])
+    for index, data in enumerate(parameters.get("privkeys", []), start=1):
+        source = f"payload key {index}"
+        password = passwords[index - 1] if index - 1 < len(passwords) else None
+        if data is None:
+            ring.skip(source, "empty")
+            continue
+        _classify(data, password, source, ring)
+    for index, data in enumerate(parameters.get("x509s", []), start=1):
+        if data is not None:
+            _classify(data, None, f"payload certificate {index}", ring)
+    return ring
+
+
+# --- key directories --------------------------------------------------------------------
+
+
+@dataclass
+class _Found:
+    display: str
+    real: str
+
+
+def _load_directory(directory: str, ring: KeyRing) -> None:
+    if not directory:
+        raise KeyLoadError("--decryption-keys-path was given an empty path")
+    try:
+        root_real = os.path.realpath(directory, strict=True)
+        if not stat.S_ISDIR(os.stat(root_real).st_mode):
+            ring.skip(directory, "key path is not a directory")
+            return
+    except OSError as e:
+        ring.skip(directory, f"key directory cannot be read ({e.strerror})")
+        return
+    found: dict[str, _Found] = {}
+    _walk(directory, root_real, root_real, (root_real,), found, ring)
+    reals = {f.real for f in found.values()}
+    for item in found.values():
+        if item.real.endswith(PASSWORD_SUFFIX):
+            if item.real[: -len(PASSWORD_SUFFIX)] not in reals:
+                ring.skip(item.display, "password file with no key file beside it")
+            continue
+        data = _read_file(item, ring)
+        if data is None:
+            continue
+        password: bytes | None = None
+        if item.real + PASSWORD_SUFFIX in reals:
+            password_item = next(f for f in found.values() if f.real == item.real + PASSWORD_SUFFIX)
+            raw = _read_file(password_item, ring)
+            if raw is not None:
+                password = _strip_newline(raw)
+        _classify(data, password, item.display, ring)
+
+
+def _walk(
+    display_dir: str,
+    real_dir: str,
+    root_real: str,
+    ancestors: tuple[str, ...],
+    found: dict[str, _Found],
+    ring: KeyRing,
+) -> None:
+    try:
+        names = sorted(os.listdir(real_dir))
+    except OSError as e:
+        ring.skip(display_dir, f"directory cannot be listed ({e.strerror})")
+        return
+    for name in names:
+        display = os.path.join(display_dir, name)
+        path = os.path.join(real_dir, name)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(path)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    ring.warnings.append(f"skipped {display}: link leads outside the key directory")
+                    continue
+                st = os.stat(real)
+            else:
+                real = path
+        except OSError as e:
+            ring.skip(display, f"cannot be read ({e.strerror})")
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if real in ancestors:
+                ring.warnings.append(f"skipped {display}: link loops back to {real}")
+                continue
+            if any(f.real.startswith(real + os.sep) for f in found.values()):
+                continue  # an alias of a directory already walked, as a Secret's ..data is
+            _walk(display, real, root_real, (*ancestors, real), found, ring)
+        elif stat.S_ISREG(st.st_mode):
+            previous = found.get(real)
+            if previous is None:
+                found[real] = _Found(display, real)
+            elif _is_hidden(previous.display) and not _is_hidden(display):
+                previous.display = display
+        else:
+            ring.skip(display, "not a regular file")
+
+
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith("..") for part in path.split(os.sep))
+
+
+def _read_file(item: _Found, ring: KeyRing) -> bytes | None:
+    try:
+        with open(item.real, "rb") as f:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as e:
+        ring.skip(item.display, f"cannot be read ({e.strerror})")
+        return None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        ring.skip(item.display, "larger than 1 MiB, too large to be a key")
+        return None
+    return data
+
+
+def _strip_newline(data: bytes) -> bytes:
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    if data.endswith(b"\n"):
+        return data[:-1]
+    return data
+
+
+# --- classification ---------------------------------------------------------------------
+
+
+def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
+    """Add what `data` holds to the ring, or record why it is of no use."""
+    stripped = data.strip()
+    if not stripped:
+        ring.skip(source, "empty file")
+        return
+    if b"-----BEGIN " in data:
+        _classify_pem(data, password, source, ring)
+    elif stripped.startswith(b"{"):
+        _classify_jwk(stripped, source, ring)
+    elif data[0] == 0x30:
+        _classify_der(data, password, source, ring)
+    elif data[0] & 0x80:
+        ring.skip(source, "binary OpenPGP keyring (PGP keys are not supported yet)")
+    elif b"pkcs11:" in data:
+        ring.skip(source, "PKCS#11 key file (PKCS#11 is not supported yet)")
+    else:
+        ring.skip(source, "not a private key, certificate or JWK")
+
+
+def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    blocks = list(_PEM_BLOCK.finditer(data))
+    if not blocks:
+        if b"-----BEGIN PGP" in data:
+            ring.skip(source, "armored OpenPGP key (PGP keys are not supported yet)")
+        else:
+            ring.skip(source, "PEM text with no complete block")
+        return
+    useful = False
+    reasons: list[str] = []
+    for block in blocks:
+        kind = block.group(1)
+        text = block.group(0)
+        if kind in _PRIVATE_PEM_TYPES:
+            key_or_reason = _load_private(
+                lambda pw, t=text: serialization.load_pem_private_key(
+                    t, pw, unsafe_skip_rsa_key_validation=True
+                ),
+                password,
+            )
+            if isinstance(key_or_reason, str):
+                reasons.append(key_or_reason)
+            else:
+                useful |= _add_private(key_or_reason, source, ring, reasons)
+        elif kind == b"CERTIFICATE":
+            try:
+                cert = x509.load_pem_x509_certificate(text)
+            except ValueError:
+                reasons.append("malformed certificate")
+                continue
+            ring.certificates.append(CertificateEntry(source, cert))
+            useful = True
+        elif kind in _PUBLIC_PEM_TYPES:
+            reasons.append("public key, not a private key")
+        elif kind.startswith(b"PGP "):
+            reasons.append("armored OpenPGP key (PGP keys are not supported yet)")
+        elif kind not in _IGNORED_PEM_TYPES:
+            reasons.append(f"PEM block {kind.decode()!r} is not a key or certificate")
+    if not useful:
+        ring.skip(source, "; ".join(reasons) or "no private key in the PEM text")
+
+
+def _classify_der(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key_or_reason = _load_private(
+        lambda pw: serialization.load_der_private_key(
+            data, pw, unsafe_skip_rsa_key_validation=True
+        ),
+        password,
+    )
+    if not isinstance(key_or_reason, str):
+        reasons: list[str] = []
+        if not _add_private(key_or_reason, source, ring, reasons):
+            ring.skip(source, "; ".join(reasons))
+        return
+    if "password" in key_or_reason:
+        ring.skip(source, key_or_reason)
+        return
+    try:
+        cert = x509.load_der_x509_certificate(data)
+    except ValueError:
+        pass
+    else:
+        ring.certificates.append(CertificateEntry(source, cert))
+        return
+    try:
+        serialization.load_der_public_key(data)
+    except (ValueError, TypeError):
+        ring.skip(source, "not a private key, certificate or JWK (unreadable DER)")
+    else:
+        ring.skip(source, "public key, not a private key")
+
+
+def _load_private(loader: Any, password: bytes | None) -> Any:
+    """Run a cryptography key loader; return the key, or a reason string on failure."""
+    try:
+        return loader(password)
+    except TypeError as e:
+        text = str(e)
+        if "not encrypted" in text:  # a password was given for a plain key: not an error
+            return _load_private(loader, None)
+        if "not given" in text:
+            return (
+                "encrypted private key and no password for it "
+                f"(put the password in a file named <key file>{PASSWORD_SUFFIX} beside it)"
+            )
+        return f"unusable private key ({text})"
+    except ValueError as e:
+        if password is not None and ("decrypt" in str(e).lower() or "password" in str(e).lower()):
+            return "encrypted private key and its password is wrong"
+        return "malformed or unsupported private key"
+    except Exception as e:  # cryptography raises UnsupportedAlgorithm for exotic keys
+        return f"unsupported private key ({type(e).__name__})"
+
+
+def _add_private(key: Any, source: str, ring: KeyRing, reasons: list[str]) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(key, rsa.RSAPrivateKey):
+        ring.private_keys.append(PrivateKey(source, key, f"RSA {key.key_size}"))
+        return True
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        curve = _EC_CURVES.get(key.curve.name)
+        if curve is None:
+            reasons.append(f"EC key on curve {key.curve.name}, which JWE cannot use")
+            return False
+        ring.private_keys.append(PrivateKey(source, key, f"EC {curve}"))
+        return True
+    reasons.append(f"{type(key).__name__.lstrip('_')} keys are not supported (RSA or EC only)")
+    return False
+
+
+def _b64url(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("member is not a string")
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def _int(value: Any) -> int:
+    return int.from_bytes(_b64url(value), "big")
+
+
+def _classify_jwk(data: bytes, source: str, ring: KeyRing) -> None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        ring.skip(source, "JSON that is not a JWK")
+        return
+    jwks = obj.get("keys") if isinstance(obj, dict) and "kty" not in obj else [obj]
+    if not isinstance(jwks, list) or not jwks:
+        ring.skip(source, "JSON that is not a JWK")
+        return
+    reasons: list[str] = []
+    useful = False
+    for jwk in jwks:
+        try:
+            key_or_reason = private_key_from_jwk(jwk)
+        except (ValueError, TypeError, KeyError):
+            reasons.append("malformed JWK")
+            continue
+        if isinstance(key_or_reason, str):
+            reasons.append(key_or_reason)
+        else:
+            useful |= _add_private(key_or_reason, source, ring, reasons)
+    if not useful:
+        ring.skip(source, "; ".join(reasons))
+
+
+def private_key_from_jwk(jwk: Any) -> Any:
+    """Build a cryptography private key from a JWK dict, or return why it cannot be one."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if not isinstance(jwk, dict) or "kty" not in jwk:
+        return "JSON that is not a JWK"
+    kty = jwk["kty"]
+    if "d" not in jwk:
+        return "public JWK, not a private key"
+    if kty == "RSA":
+        n, e, d = _int(jwk["n"]), _int(jwk["e"]), _int(jwk["d"])
+        if all(k in jwk for k in ("p", "q", "dp", "dq", "qi")):
+            p, q = _int(jwk["p"]), _int(jwk["q"])
+            dmp1, dmq1, iqmp = _int(jwk["dp"]), _int(jwk["dq"]), _int(jwk["qi"])
+        else:
+            p, q = rsa.rsa_recover_prime_factors(n, e, d)
+            dmp1, dmq1, iqmp = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
+        public = rsa.RSAPublicNumbers(e, n)
+        return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, public).private_key()
+    if kty == "EC":
+        curves: dict[str, ec.EllipticCurve] = {
+            "P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()
+        }
+        curve = curves.get(jwk.get("crv", ""))
+        if curve is None:
+            return f"EC JWK on unsupported curve {jwk.get('crv')!r}"
+        key = ec.derive_private_key(_int(jwk["d"]), curve)
+        numbers = key.public_key().public_numbers()
+        if ("x" in jwk and _int(jwk["x"]) != numbers.x) or ("y" in jwk and _int(jwk["y"]) != numbers.y):
+            return "EC JWK whose public part does not match its private part"
+        return key
+    return f"JWK of type {kty!r} is not supported (RSA or EC only)"

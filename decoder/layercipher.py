@@ -1,0 +1,256 @@
+"""ocicrypt's layer cipher, AES_256_CTR_HMAC_SHA256, and its options.
+
+The layer is AES-256 in CTR mode (the 16-byte nonce is the initial counter block,
+incremented as one 128-bit big-endian number), then HMAC-SHA256 over the whole ciphertext
+with the same 32-byte key (encrypt-then-MAC). The private options (symkey, digest of the
+plaintext blob, nonce) travel wrapped; the public options (cipher, hmac) in the pubopts
+annotation.
+
+Decryption fails closed: plaintext is released only while at least HOLD_BACK bytes stay
+held back, and every release ends one byte past a 512-byte boundary, so a prefix that got
+out before a failed check is never a whole tar, gzip or zstd stream. The tail goes out only
+after both the HMAC and the plaintext digest have verified.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from decoder import gojson
+from decoder.errors import IntegrityError, LayerOptionsError, OutputError
+from decoder.spec import CIPHER_AES_256_CTR_HMAC_SHA256, PUBOPTS_ANNOTATION
+
+KEY_BYTES = 32
+NONCE_BYTES = 16
+HMAC_BYTES = 32
+CHUNK = 1 << 20
+HOLD_BACK = 64 * 1024
+TAR_BLOCK = 512
+_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
+
+
+@dataclass(frozen=True)
+class PrivateOptions:
+    """The wrapped half: the layer key, the plaintext digest, private cipher options."""
+
+    symkey: bytes
+    digest: str
+    cipher_options: dict[str, bytes | None]
+
+
+@dataclass(frozen=True)
+class PublicOptions:
+    """The pubopts annotation: cipher name, HMAC of the ciphertext, public cipher options."""
+
+    cipher: str
+    hmac: bytes | None
+    cipher_options: dict[str, bytes | None]
+
+
+def _cipher_options(value: Any) -> dict[str, bytes | None]:
+    return {k: gojson.as_bytes(v) for k, v in gojson.items(value)}
+
+
+def parse_private_options(data: bytes) -> PrivateOptions:
+    """Read ocicrypt's PrivateLayerBlockCipherOptions JSON (Go field matching)."""
+    try:
+        obj = gojson.loads(data)
+        return PrivateOptions(
+            symkey=gojson.as_bytes(gojson.field(obj, "symkey")) or b"",
+            digest=gojson.as_str(gojson.field(obj, "digest")),
+            cipher_options=_cipher_options(gojson.field(obj, "cipheroptions")),
+        )
+    except gojson.GoJSONError as e:
+        raise LayerOptionsError(f"the unwrapped private layer options are malformed: {e}") from e
+
+
+def parse_public_options(annotations: dict[str, str]) -> PublicOptions:
+    """Read the pubopts annotation (base64 of PublicLayerBlockCipherOptions JSON)."""
+    value = annotations.get(PUBOPTS_ANNOTATION)
+    if not value:
+        raise LayerOptionsError(
+            f"the layer has no {PUBOPTS_ANNOTATION} annotation, so its cipher and HMAC are unknown"
+        )
+    try:
+        raw = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise LayerOptionsError(f"the {PUBOPTS_ANNOTATION} annotation is not valid base64") from e
+    try:
+        obj = gojson.loads(raw)
+        return PublicOptions(
+            cipher=gojson.as_str(gojson.field(obj, "cipher")),
+            hmac=gojson.as_bytes(gojson.field(obj, "hmac")),
+            cipher_options=_cipher_options(gojson.field(obj, "cipheroptions")),
+        )
+    except gojson.GoJSONError as e:
+        raise LayerOptionsError(f"the {PUBOPTS_ANNOTATION} annotation is malformed: {e}") from e
+
+
+def check_public_options(public: PublicOptions) -> bytes:
+    """Refuse unusable public options before any key is touched; return the expected HMAC."""
+    if not public.cipher:
+        raise LayerOptionsError("the layer's public options name no cipher")
+    if public.cipher != CIPHER_AES_256_CTR_HMAC_SHA256:
+        raise LayerOptionsError(
+            f"the layer uses cipher {public.cipher!r}; only {CIPHER_AES_256_CTR_HMAC_SHA256} exists"
+        )
+    if not public.hmac:
+        raise LayerOptionsError("the layer's public options carry no HMAC, so it cannot be verified")
+    if len(public.hmac) != HMAC_BYTES:
+        raise LayerOptionsError(
+            f"the layer's HMAC is {len(public.hmac)} bytes; HMAC-SHA256 is {HMAC_BYTES}"
+        )
+    return public.hmac
+
+
+@dataclass(frozen=True)
+class CipherParameters:
+    """Everything needed to decrypt and verify one layer."""
+
+    key: bytes
+    nonce: bytes
+    expected_hmac: bytes
+    digest_algorithm: str
+    expected_digest: bytes
+
+
+def cipher_parameters(private: PrivateOptions, public: PublicOptions) -> CipherParameters:
+    """Validate the unwrapped options against the cipher's needs."""
+    expected_hmac = check_public_options(public)
+    if len(private.symkey) != KEY_BYTES:
+        raise LayerOptionsError(
+            f"the layer key is {len(private.symkey)} bytes; AES-256 needs {KEY_BYTES}"
+        )
+    # ocicrypt looks the nonce up in the public options first, then in the private ones.
+    nonce = public.cipher_options.get("nonce") or private.cipher_options.get("nonce")
+    if not nonce:
+        raise LayerOptionsError("the layer's cipher options carry no nonce")
+    if len(nonce) != NONCE_BYTES:
+        raise LayerOptionsError(
+            f"the layer's nonce is {len(nonce)} bytes; AES-CTR needs {NONCE_BYTES}"
+        )
+    algorithm, _, hex_digest = private.digest.partition(":")
+    if not private.digest:
+        raise LayerOptionsError(
+            "the layer's private options carry no plaintext digest, so the result cannot be verified"
+        )
+    if algorithm not in _DIGESTS or len(hex_digest) != _DIGESTS[algorithm]:
+        raise LayerOptionsError(f"the layer's plaintext digest {private.digest!r} is not usable")
+    try:
+        expected_digest = bytes.fromhex(hex_digest)
+    except ValueError as e:
+        raise LayerOptionsError(f"the layer's plaintext digest {private.digest!r} is not hex") from e
+    return CipherParameters(private.symkey, nonce, expected_hmac, algorithm, expected_digest)
+
+
+class LayerDecryptor:
+    """Streaming AES-256-CTR decryption with HMAC-SHA256 over the ciphertext and a digest
+    over the plaintext, shaped like cryptography's cipher contexts."""
+
+    def __init__(self, params: CipherParameters) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._params = params
+        self._ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
+        self._mac = hmac.new(params.key, digestmod="sha256")
+        self._digest = hashlib.new(params.digest_algorithm)
+        self.bytes_processed = 0
+
+    def update_into(self, ciphertext: memoryview, out: memoryview) -> int:
+        """Decrypt `ciphertext` into `out` (at least len(ciphertext) + 15 bytes long)."""
+        self._mac.update(ciphertext)
+        n = self._ctr.update_into(ciphertext, out)
+        self._digest.update(out[:n])
+        self.bytes_processed += n
+        return n
+
+    def verify(self) -> None:
+        """Raise IntegrityError unless the HMAC and the plaintext digest both match."""
+        mac = self._mac.digest()
+        if not hmac.compare_digest(mac, self._params.expected_hmac):
+            raise IntegrityError(
+                "the layer failed its HMAC check (tampered, truncated or not this layer's "
+                f"ciphertext): expected {self._params.expected_hmac.hex()}, computed {mac.hex()}; "
+                "the end of the plaintext was withheld"
+            )
+        digest = self._digest.digest()
+        if not hmac.compare_digest(digest, self._params.expected_digest):
+            raise IntegrityError(
+                "the decrypted layer does not match the digest in its private options: expected "
+                f"{self._params.digest_algorithm}:{self._params.expected_digest.hex()}, got "
+                f"{self._params.digest_algorithm}:{digest.hex()}; the end of the plaintext "
+                "was withheld"
+            )
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BrokenPipeError as e:
+            raise OutputError("the reader closed the output pipe before the layer was written") from e
+        except OSError as e:
+            raise OutputError(f"cannot write the plaintext: {e.strerror}") from e
+        data = data[written:]
+
+
+def _release_point(emitted: int, decrypted: int) -> int:
+    """How far plaintext may go out: HOLD_BACK kept, ending 1 byte past a 512-byte block."""
+    limit = decrypted - HOLD_BACK
+    if limit <= emitted:
+        return emitted
+    return max(emitted, limit - (limit - 1) % TAR_BLOCK)
+
+
+def decrypt_stream(
+    params: CipherParameters,
+    in_fd: int,
+    out_fd: int,
+    expected_size: int | None = None,
+    write: Callable[[int, memoryview], None] = _write_all,
+) -> int:
+    """Decrypt in_fd to out_fd in constant memory; return the number of bytes written."""
+    decryptor = LayerDecryptor(params)
+    cipher_buf = bytearray(CHUNK)
+    cipher_view = memoryview(cipher_buf)
+    plain_buf = bytearray(HOLD_BACK + TAR_BLOCK + CHUNK + 16)
+    plain_view = memoryview(plain_buf)
+    pending = 0  # plaintext bytes at plain_buf[:pending] not yet written
+    emitted = 0
+    while True:
+        filled = 0
+        while filled < CHUNK:
+            try:
+                n = os.readv(in_fd, [cipher_view[filled:]])
+            except OSError as e:
+                raise OutputError(f"cannot read the ciphertext from stdin: {e.strerror}") from e
+            if n == 0:
+                break
+            filled += n
+        if filled == 0:
+            break
+        decryptor.update_into(cipher_view[:filled], plain_view[pending:])
+        pending += filled
+        release = _release_point(emitted, decryptor.bytes_processed) - emitted
+        if release > 0:
+            write(out_fd, plain_view[:release])
+            emitted += release
+            pending -= release
+            plain_buf[:pending] = plain_buf[release : release + pending]
+        if filled < CHUNK:
+            break
+    total = decryptor.bytes_processed
+    if expected_size is not None and expected_size != total:
+        raise IntegrityError(
+            f"the layer is {total} bytes on stdin but its descriptor says {expected_size}; "
+            "the end of the plaintext was withheld"
+        )
+    decryptor.verify()
+    write(out_fd, plain_view[:pending])
+    return total

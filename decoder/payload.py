@@ -1,0 +1,160 @@
+"""The stream-processor payload containerd writes to fd 3.
+
+fd 3 carries a serialized google.protobuf.Any (field 1 type_url, field 2 value) whose type
+URL is io.containerd.ocicrypt.v1.Payload and whose value is the JSON of imgcrypt's Payload
+struct: {"DecryptConfig":{"Parameters":{name:[base64,...]}|null},"Descriptor":{...}}.
+The two-field Any is parsed by hand: importing protobuf would cost more than the whole parse.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from decoder import gojson
+from decoder.errors import PayloadError
+from decoder.spec import PAYLOAD_TYPE_URL
+
+PAYLOAD_FD = 3
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+NO_PAYLOAD_HELP = (
+    "containerd passed no decryption payload on fd 3, so the layer's wrapped keys are unknown; "
+    "containerd passes one when it unpacks through the CRI plugin with "
+    '[plugins."io.containerd.grpc.v1.cri".image_decryption] key_model = "node" '
+    "(containerd 2.1+: also use_local_image_pull = true under "
+    "[plugins.'io.containerd.cri.v1.images'], since its transfer service passes none), "
+    "or through a client that passes payloads (nerdctl, ctr-enc); plain `ctr pull`, "
+    "`ctr images import` and processor ids other than io.containerd.ocicrypt.decoder.v1.tar "
+    "and io.containerd.ocicrypt.decoder.v1.tar.gzip get no payload"
+)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """The OCI descriptor of the layer being decrypted."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """imgcrypt's Payload: decryption parameters from the client, and the layer descriptor."""
+
+    parameters: dict[str, list[bytes | None]]
+    descriptor: Descriptor
+
+
+def read_payload_fd(fd: int = PAYLOAD_FD) -> bytes:
+    """Read the whole payload from fd 3, which must be an open pipe, file or socket."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        raise PayloadError(NO_PAYLOAD_HELP) from e
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
+        raise PayloadError(
+            "fd 3 is open but is not a pipe or file, so it is not a containerd payload; "
+            + NO_PAYLOAD_HELP
+        )
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except OSError as e:
+            raise PayloadError(f"cannot read the payload on fd 3: {e.strerror}") from e
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > MAX_PAYLOAD_BYTES:
+            raise PayloadError("the payload on fd 3 is larger than 64 MiB; refusing it")
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            raise PayloadError("the payload on fd 3 is not a protobuf Any (truncated varint)")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise PayloadError("the payload on fd 3 is not a protobuf Any (varint too long)")
+
+
+def parse_any(data: bytes) -> tuple[str, bytes]:
+    """Split a serialized google.protobuf.Any into (type_url, value), skipping unknown fields."""
+    type_url = b""
+    value = b""
+    pos = 0
+    while pos < len(data):
+        tag, pos = _varint(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise PayloadError("the payload on fd 3 is not a protobuf Any (field runs past end)")
+            if number == 1:
+                type_url = data[pos : pos + length]
+            elif number == 2:
+                value = data[pos : pos + length]
+            pos += length
+        else:
+            raise PayloadError(f"the payload on fd 3 is not a protobuf Any (wire type {wire_type})")
+        if pos > len(data) or number == 0:
+            raise PayloadError("the payload on fd 3 is not a protobuf Any (malformed field)")
+    try:
+        return type_url.decode("utf-8"), value
+    except UnicodeDecodeError as e:
+        raise PayloadError("the payload's type URL is not UTF-8") from e
+
+
+def parse_payload(data: bytes) -> Payload:
+    """Decode fd-3 bytes into a Payload, with Go's JSON semantics."""
+    if not data:
+        raise PayloadError(
+            "the payload on fd 3 is empty (the caller opened fd 3 but wrote nothing); "
+            + NO_PAYLOAD_HELP
+        )
+    type_url, value = parse_any(data)
+    if type_url != PAYLOAD_TYPE_URL:
+        shown = type_url if type_url else "(none)"
+        raise PayloadError(
+            f"the payload on fd 3 has type URL {shown!r}, expected {PAYLOAD_TYPE_URL!r}"
+        )
+    try:
+        root = gojson.loads(value)
+        config = gojson.field(root, "DecryptConfig")
+        parameters: dict[str, list[bytes | None]] = {}
+        if config is not None:
+            for name, values in gojson.items(gojson.field(config, "Parameters")):
+                parameters[name] = gojson.as_list(values, gojson.as_bytes)
+        desc = gojson.field(root, "Descriptor")
+        if desc is None:
+            raise PayloadError("the payload has no layer descriptor")
+        annotations = {
+            k: gojson.as_str(v) for k, v in gojson.items(gojson.field(desc, "annotations"))
+        }
+        descriptor = Descriptor(
+            media_type=gojson.as_str(gojson.field(desc, "mediaType")),
+            digest=gojson.as_str(gojson.field(desc, "digest")),
+            size=gojson.as_int(gojson.field(desc, "size")),
+            annotations=annotations,
+        )
+    except gojson.GoJSONError as e:
+        raise PayloadError(f"the payload's JSON does not match imgcrypt's Payload: {e}") from e
+    return Payload(parameters=parameters, descriptor=descriptor)
