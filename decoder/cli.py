@@ -22,18 +22,22 @@ options:
   --decryption-keys-path DIR  a directory of private keys (walked recursively, symlinks
                               followed; KEY.password beside KEY holds its password)
   --keyprovider-config FILE   key-provider configuration (as OCICRYPT_KEYPROVIDER_CONFIG)
+  --accept-digest-mismatch    trust the HMAC alone when the plaintext digest differs from the
+                              one in the layer's private options (skopeo records the source
+                              blob's digest when it recompresses while encrypting)
   --help                      show this help and exit
   --version                   show the version and exit
 """
 
 _VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config"}
+_SWITCHES = {"accept-digest-mismatch"}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
     """Return (values per flag, "help"/"version"/None); raise UsageError on bad arguments."""
     from decoder.errors import UsageError
 
-    values: dict[str, list[str]] = {name: [] for name in _VALUE_FLAGS}
+    values: dict[str, list[str]] = {name: [] for name in _VALUE_FLAGS | _SWITCHES}
     index = 0
     while index < len(argv):
         arg = argv[index]
@@ -45,6 +49,9 @@ def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
         if not arg.startswith("-") or arg in ("-", "--"):
             raise UsageError(f"unexpected argument {arg!r} (see --help)")
         name, has_value, value = arg.lstrip("-").partition("=")
+        if name in _SWITCHES and not has_value:
+            values[name].append("true")
+            continue
         if name not in _VALUE_FLAGS:
             raise UsageError(f"unknown option {arg.partition('=')[0]!r} (see --help)")
         if not has_value:
@@ -74,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         provider_configs = values["keyprovider-config"]
         options = decode.Options(
             key_directories=values["decryption-keys-path"],
-            keyprovider_config=provider_configs[-1] if provider_configs else
-            os.environ.get("OCICRYPT_KEYPROVIDER_CONFIG"),
+            keyprovider_config=provider_configs[-1]
+            if provider_configs
+            else os.environ.get("OCICRYPT_KEYPROVIDER_CONFIG"),
+            accept_digest_mismatch=bool(values["accept-digest-mismatch"]),
         )
         warnings = decode.run(options)
     except DecoderError as e:

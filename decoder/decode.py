@@ -19,6 +19,7 @@ class Options:
 
     key_directories: list[str] = field(default_factory=list)
     keyprovider_config: str | None = None
+    accept_digest_mismatch: bool = False
 
 
 def check_media_type(media_type: str) -> None:
@@ -43,5 +44,7 @@ def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
     private = layercipher.parse_private_options(private_json)
     params = layercipher.cipher_parameters(private, public)
     expected_size = descriptor.size if descriptor.size > 0 else None
-    layercipher.decrypt_stream(params, in_fd, out_fd, expected_size)
-    return ring.warnings
+    warning = layercipher.decrypt_stream(
+        params, in_fd, out_fd, expected_size, options.accept_digest_mismatch
+    )
+    return [*ring.warnings, *([warning] if warning else [])]

@@ -29,14 +29,16 @@ if TYPE_CHECKING:
 
     PrivateKeyType = RSAPrivateKey | EllipticCurvePrivateKey
 
-PASSWORD_SUFFIX = ".password"
+PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file-name suffix)
 MAX_KEY_FILE_BYTES = 1024 * 1024
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL
-)
-_PRIVATE_PEM_TYPES = {b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY",
-                      b"ENCRYPTED PRIVATE KEY"}
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+_PRIVATE_PEM_TYPES = {
+    b"PRIVATE KEY",
+    b"RSA PRIVATE KEY",
+    b"EC PRIVATE KEY",
+    b"ENCRYPTED PRIVATE KEY",
+}
 _PUBLIC_PEM_TYPES = {b"PUBLIC KEY", b"RSA PUBLIC KEY"}
 _IGNORED_PEM_TYPES = {b"EC PARAMETERS"}
 _EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
@@ -72,9 +74,7 @@ class KeyRing:
         self.skipped.append((source, reason))
 
 
-def load_keyring(
-    directories: list[str], parameters: dict[str, list[bytes | None]]
-) -> KeyRing:
+def load_keyring(directories: list[str], parameters: dict[str, list[bytes | None]]) -> KeyRing:
     """Collect keys from the key directories first, then from the payload parameters."""
     ring = KeyRing()
     for directory in directories:
@@ -396,19 +396,27 @@ def private_key_from_jwk(jwk: Any) -> Any:
             dmp1, dmq1, iqmp = _int(jwk["dp"]), _int(jwk["dq"]), _int(jwk["qi"])
         else:
             p, q = rsa.rsa_recover_prime_factors(n, e, d)
-            dmp1, dmq1, iqmp = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
+            dmp1, dmq1, iqmp = (
+                rsa.rsa_crt_dmp1(d, p),
+                rsa.rsa_crt_dmq1(d, q),
+                rsa.rsa_crt_iqmp(p, q),
+            )
         public = rsa.RSAPublicNumbers(e, n)
         return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, public).private_key()
     if kty == "EC":
         curves: dict[str, ec.EllipticCurve] = {
-            "P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()
+            "P-256": ec.SECP256R1(),
+            "P-384": ec.SECP384R1(),
+            "P-521": ec.SECP521R1(),
         }
         curve = curves.get(jwk.get("crv", ""))
         if curve is None:
             return f"EC JWK on unsupported curve {jwk.get('crv')!r}"
         key = ec.derive_private_key(_int(jwk["d"]), curve)
         numbers = key.public_key().public_numbers()
-        if ("x" in jwk and _int(jwk["x"]) != numbers.x) or ("y" in jwk and _int(jwk["y"]) != numbers.y):
+        if ("x" in jwk and _int(jwk["x"]) != numbers.x) or (
+            "y" in jwk and _int(jwk["y"]) != numbers.y
+        ):
             return "EC JWK whose public part does not match its private part"
         return key
     return f"JWK of type {kty!r} is not supported (RSA or EC only)"

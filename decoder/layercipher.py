@@ -101,7 +101,9 @@ def check_public_options(public: PublicOptions) -> bytes:
             f"the layer uses cipher {public.cipher!r}; only {CIPHER_AES_256_CTR_HMAC_SHA256} exists"
         )
     if not public.hmac:
-        raise LayerOptionsError("the layer's public options carry no HMAC, so it cannot be verified")
+        raise LayerOptionsError(
+            "the layer's public options carry no HMAC, so it cannot be verified"
+        )
     if len(public.hmac) != HMAC_BYTES:
         raise LayerOptionsError(
             f"the layer's HMAC is {len(public.hmac)} bytes; HMAC-SHA256 is {HMAC_BYTES}"
@@ -138,14 +140,16 @@ def cipher_parameters(private: PrivateOptions, public: PublicOptions) -> CipherP
     algorithm, _, hex_digest = private.digest.partition(":")
     if not private.digest:
         raise LayerOptionsError(
-            "the layer's private options carry no plaintext digest, so the result cannot be verified"
+            "the layer's private options carry no plaintext digest to verify the result against"
         )
     if algorithm not in _DIGESTS or len(hex_digest) != _DIGESTS[algorithm]:
         raise LayerOptionsError(f"the layer's plaintext digest {private.digest!r} is not usable")
     try:
         expected_digest = bytes.fromhex(hex_digest)
     except ValueError as e:
-        raise LayerOptionsError(f"the layer's plaintext digest {private.digest!r} is not hex") from e
+        raise LayerOptionsError(
+            f"the layer's plaintext digest {private.digest!r} is not hex"
+        ) from e
     return CipherParameters(private.symkey, nonce, expected_hmac, algorithm, expected_digest)
 
 
@@ -170,8 +174,9 @@ class LayerDecryptor:
         self.bytes_processed += n
         return n
 
-    def verify(self) -> None:
-        """Raise IntegrityError unless the HMAC and the plaintext digest both match."""
+    def verify(self, accept_digest_mismatch: bool = False) -> str | None:
+        """Raise IntegrityError unless the HMAC and the plaintext digest both match. With
+        accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning."""
         mac = self._mac.digest()
         if not hmac.compare_digest(mac, self._params.expected_hmac):
             raise IntegrityError(
@@ -180,13 +185,22 @@ class LayerDecryptor:
                 "the end of the plaintext was withheld"
             )
         digest = self._digest.digest()
-        if not hmac.compare_digest(digest, self._params.expected_digest):
-            raise IntegrityError(
-                "the decrypted layer does not match the digest in its private options: expected "
-                f"{self._params.digest_algorithm}:{self._params.expected_digest.hex()}, got "
-                f"{self._params.digest_algorithm}:{digest.hex()}; the end of the plaintext "
-                "was withheld"
-            )
+        if hmac.compare_digest(digest, self._params.expected_digest):
+            return None
+        algorithm = self._params.digest_algorithm
+        mismatch = (
+            "the decrypted layer does not match the digest in its private options: expected "
+            f"{algorithm}:{self._params.expected_digest.hex()}, got {algorithm}:{digest.hex()}"
+        )
+        if accept_digest_mismatch:
+            return f"{mismatch}; accepted because the HMAC verified (--accept-digest-mismatch)"
+        raise IntegrityError(
+            f"{mismatch}; the end of the plaintext was withheld. The HMAC verified, so the "
+            "ciphertext is what its producer encrypted: skopeo records the source blob's digest "
+            "when it recompresses a layer while encrypting (uncompressed or docker-archive "
+            "sources, --dest-compress-format). Re-encrypt without recompressing, or start "
+            "ctd-decoder with --accept-digest-mismatch to trust the HMAC alone"
+        )
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -194,7 +208,9 @@ def _write_all(fd: int, data: memoryview) -> None:
         try:
             written = os.write(fd, data)
         except BrokenPipeError as e:
-            raise OutputError("the reader closed the output pipe before the layer was written") from e
+            raise OutputError(
+                "the reader closed the output pipe before the layer was written"
+            ) from e
         except OSError as e:
             raise OutputError(f"cannot write the plaintext: {e.strerror}") from e
         data = data[written:]
@@ -213,9 +229,10 @@ def decrypt_stream(
     in_fd: int,
     out_fd: int,
     expected_size: int | None = None,
+    accept_digest_mismatch: bool = False,
     write: Callable[[int, memoryview], None] = _write_all,
-) -> int:
-    """Decrypt in_fd to out_fd in constant memory; return the number of bytes written."""
+) -> str | None:
+    """Decrypt in_fd to out_fd in constant memory; return a warning, if any."""
     decryptor = LayerDecryptor(params)
     cipher_buf = bytearray(CHUNK)
     cipher_view = memoryview(cipher_buf)
@@ -251,6 +268,6 @@ def decrypt_stream(
             f"the layer is {total} bytes on stdin but its descriptor says {expected_size}; "
             "the end of the plaintext was withheld"
         )
-    decryptor.verify()
+    warning = decryptor.verify(accept_digest_mismatch)
     write(out_fd, plain_view[:pending])
-    return total
+    return warning

@@ -107,7 +107,9 @@ def parse_any(data: bytes) -> tuple[str, bytes]:
         elif wire_type == 2:
             length, pos = _varint(data, pos)
             if pos + length > len(data):
-                raise PayloadError("the payload on fd 3 is not a protobuf Any (field runs past end)")
+                raise PayloadError(
+                    "the payload on fd 3 is not a protobuf Any (field runs past end)"
+                )
             if number == 1:
                 type_url = data[pos : pos + length]
             elif number == 2:
@@ -132,10 +134,8 @@ def parse_payload(data: bytes) -> Payload:
         )
     type_url, value = parse_any(data)
     if type_url != PAYLOAD_TYPE_URL:
-        shown = type_url if type_url else "(none)"
-        raise PayloadError(
-            f"the payload on fd 3 has type URL {shown!r}, expected {PAYLOAD_TYPE_URL!r}"
-        )
+        shown = f"type URL {type_url!r}" if type_url else "no type URL"
+        raise PayloadError(f"the payload on fd 3 has {shown}, expected {PAYLOAD_TYPE_URL!r}")
     try:
         root = gojson.loads(value)
         config = gojson.field(root, "DecryptConfig")

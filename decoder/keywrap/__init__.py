@@ -69,7 +69,7 @@ def unwrap_private_options(annotations: dict[str, str], ring: KeyRing, layer: st
     wrapped_for: list[str] = []
     for scheme, value in wrapped.items():
         if scheme in SCHEMES:
-            module: Scheme = importlib.import_module(SCHEMES[scheme])  # type: ignore[assignment]
+            module: Scheme = importlib.import_module(SCHEMES[scheme])
             blobs = decode_blobs(scheme, value)
             if ring.private_keys:
                 opened = module.unwrap(blobs, ring, notes)
@@ -80,7 +80,7 @@ def unwrap_private_options(annotations: dict[str, str], ring: KeyRing, layer: st
             wrapped_for.append(f"{NOT_YET_SUPPORTED[scheme]} (not supported by this version)")
         elif scheme.startswith("provider."):
             wrapped_for.append(
-                f"key provider {scheme[len('provider.'):]!r} "
+                f"key provider {scheme[len('provider.') :]!r} "
                 "(key providers are not supported by this version)"
             )
         else:

@@ -23,8 +23,11 @@ KEY_ALGORITHMS = ("RSA-OAEP", "RSA-OAEP-256", "ECDH-ES+A128KW", "ECDH-ES+A192KW"
 _KW_KEY_BYTES = {"ECDH-ES+A128KW": 16, "ECDH-ES+A192KW": 24, "ECDH-ES+A256KW": 32}
 _GCM_KEY_BYTES = {"A128GCM": 16, "A192GCM": 24, "A256GCM": 32}
 # enc -> (CEK bytes, hash for the HMAC half)
-_CBC_HS = {"A128CBC-HS256": (32, "sha256"), "A192CBC-HS384": (48, "sha384"),
-           "A256CBC-HS512": (64, "sha512")}
+_CBC_HS = {
+    "A128CBC-HS256": (32, "sha256"),
+    "A192CBC-HS384": (48, "sha384"),
+    "A256CBC-HS512": (64, "sha512"),
+}
 _CURVES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 _MAX_INFLATED = 1 << 20
 
@@ -77,9 +80,14 @@ def parse(blob: bytes) -> JWE:
         if len(parts) != 5:
             raise JWEFormatError("neither JSON nor a five-part compact serialization")
         protected = _protected(parts[0])
-        return JWE(parts[0], [Recipient(protected, _b64url(parts[1], "encrypted_key"))],
-                   _b64url(parts[2], "iv"), _b64url(parts[3], "ciphertext"),
-                   _b64url(parts[4], "tag"), None)
+        return JWE(
+            parts[0],
+            [Recipient(protected, _b64url(parts[1], "encrypted_key"))],
+            _b64url(parts[2], "iv"),
+            _b64url(parts[3], "ciphertext"),
+            _b64url(parts[4], "tag"),
+            None,
+        )
     try:
         obj = json.loads(text)
     except ValueError as e:
@@ -89,11 +97,15 @@ def parse(blob: bytes) -> JWE:
     protected_b64 = obj.get("protected", "")
     if not isinstance(protected_b64, str):
         raise JWEFormatError("protected is not a string")
-    shared = {**_header(obj.get("unprotected"), "unprotected"),
-              **(_protected(protected_b64) if protected_b64 else {})}
+    shared = {
+        **_header(obj.get("unprotected"), "unprotected"),
+        **(_protected(protected_b64) if protected_b64 else {}),
+    }
     raw_recipients = obj.get("recipients")
     if raw_recipients is None:
-        raw_recipients = [{"header": obj.get("header"), "encrypted_key": obj.get("encrypted_key", "")}]
+        raw_recipients = [
+            {"header": obj.get("header"), "encrypted_key": obj.get("encrypted_key", "")}
+        ]
     if not isinstance(raw_recipients, list) or not raw_recipients:
         raise JWEFormatError("recipients is not a non-empty array")
     recipients = []
@@ -105,8 +117,14 @@ def parse(blob: bytes) -> JWE:
     aad = obj.get("aad")
     if aad is not None and not isinstance(aad, str):
         raise JWEFormatError("aad is not a string")
-    return JWE(protected_b64, recipients, _b64url(obj.get("iv"), "iv"),
-               _b64url(obj.get("ciphertext"), "ciphertext"), _b64url(obj.get("tag"), "tag"), aad)
+    return JWE(
+        protected_b64,
+        recipients,
+        _b64url(obj.get("iv"), "iv"),
+        _b64url(obj.get("ciphertext"), "ciphertext"),
+        _b64url(obj.get("tag"), "tag"),
+        aad,
+    )
 
 
 def _protected(b64: str) -> dict[str, Any]:

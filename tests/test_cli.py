@@ -1,0 +1,371 @@
+"""ctd-decoder end to end, started as containerd starts it: payload on fd 3, ciphertext on
+stdin. Layers come from skopeo (committed fixtures) or from tests.support's own encryptor."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from decoder import __version__
+from tests.support import (
+    JWE_ANNOTATION,
+    KEYS,
+    PUBOPTS,
+    TAR_ENCRYPTED,
+    any_bytes,
+    b64,
+    encrypt_layer,
+    key_dir,
+    payload_bytes,
+    run_decoder,
+    skopeo_fixture,
+)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def args_for(directory: Path) -> list[str]:
+    return ["--decryption-keys-path", str(directory)]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "key"),
+    [
+        ("rsa2048", "rsa2048-pkcs1.pem"),
+        ("rsa2048", "rsa2048-pkcs8.pem"),
+        ("rsa2048", "rsa2048-pkcs1.der"),
+        ("rsa2048", "rsa2048-pkcs8.der"),
+        ("rsa2048", "rsa2048.jwk.json"),
+        ("rsa4096", "rsa4096-pkcs8.pem"),
+        ("ec256", "ec256-sec1.pem"),
+        ("ec256", "ec256-pkcs8.pem"),
+        ("ec256", "ec256-sec1.der"),
+        ("ec256", "ec256.jwk.json"),
+        ("ec384", "ec384-sec1.pem"),
+        ("ec521", "ec521-sec1.pem"),
+        ("ec521", "ec521-pkcs8.pem"),
+        ("two-recipients", "rsa2048-pkcs1.pem"),
+        ("two-recipients", "ec384-pkcs8.pem"),
+        ("zstd", "ec256-sec1.pem"),
+    ],
+)
+def test_skopeo_layers_decrypt(fixture: str, key: str, tmp_path: Path) -> None:
+    ciphertext, descriptor, plaintext_digest = skopeo_fixture(fixture)
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(key_dir(tmp_path, key)))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert sha256(result.stdout) == plaintext_digest
+
+
+@pytest.mark.parametrize("fixture", ["zstd-recompressed", "tar-recompressed"])
+def test_skopeo_recompressed_layers_need_explicit_trust(fixture: str, tmp_path: Path) -> None:
+    # skopeo records the source blob's digest when it recompresses while encrypting.
+    ciphertext, descriptor, plaintext_digest = skopeo_fixture(fixture)
+    args = args_for(key_dir(tmp_path, "ec256-sec1.pem"))
+    strict = run_decoder(ciphertext, payload_bytes(descriptor), args)
+    assert_failed(strict, "does not match the digest", "--accept-digest-mismatch")
+    assert strict.stdout == b""  # smaller than the hold-back: nothing is released
+    trusting = run_decoder(
+        ciphertext, payload_bytes(descriptor), [*args, "--accept-digest-mismatch"]
+    )
+    assert trusting.returncode == 0
+    assert "warning: the decrypted layer does not match the digest" in trusting.stderr
+    assert len(trusting.stdout) == len(ciphertext)
+    if plaintext_digest:
+        assert sha256(trusting.stdout) == plaintext_digest
+    else:
+        expected = json.loads(
+            (Path(__file__).parent / "assets" / "skopeo" / f"{fixture}.json").read_text()
+        )
+        assert sha256(gzip.decompress(trusting.stdout)) == expected["x-uncompressed-digest"]
+
+
+def test_flag_forms_and_repeats(tmp_path: Path) -> None:
+    ciphertext, descriptor, digest = skopeo_fixture("two-recipients")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    keys = key_dir(tmp_path, "ec384-sec1.pem")
+    for args in (
+        ["-decryption-keys-path", str(keys)],
+        [f"--decryption-keys-path={keys}"],
+        ["--decryption-keys-path", str(empty), f"-decryption-keys-path={keys}"],
+    ):
+        result = run_decoder(ciphertext, payload_bytes(descriptor), args)
+        assert result.returncode == 0, result.stderr
+        assert sha256(result.stdout) == digest
+
+
+def test_payload_keys_with_password(tmp_path: Path) -> None:
+    ciphertext, descriptor, digest = skopeo_fixture("rsa2048")
+    params = {
+        "privkeys": [b64((KEYS / "rsa2048-legacy-encrypted.pem").read_bytes())],
+        "privkeys-passwords": [b64(b"s3cret")],
+    }
+    result = run_decoder(ciphertext, payload_bytes(descriptor, params), [])
+    assert result.returncode == 0, result.stderr
+    assert sha256(result.stdout) == digest
+
+
+def test_directory_password_sidecar(tmp_path: Path) -> None:
+    ciphertext, descriptor, digest = skopeo_fixture("rsa2048")
+    keys = key_dir(tmp_path, "rsa2048-pkcs8-encrypted.pem")
+    (keys / "rsa2048-pkcs8-encrypted.pem.password").write_text("s3cret\n")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert result.returncode == 0, result.stderr
+    assert sha256(result.stdout) == digest
+
+
+def test_stray_files_do_not_break_decryption(tmp_path: Path) -> None:
+    ciphertext, descriptor, digest = skopeo_fixture("ec256")
+    keys = key_dir(tmp_path, "rsa2048.pub.pem", "ec256-sec1.pem", "rsa2048-pkcs8-encrypted.pem")
+    (keys / "README").write_text("node keys\n")
+    (keys / "empty").write_bytes(b"")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert sha256(result.stdout) == digest
+
+
+def test_secret_volume_layout(tmp_path: Path) -> None:
+    ciphertext, descriptor, digest = skopeo_fixture("ec521")
+    keys = tmp_path / "secret"
+    (keys / "..2026_12_03").mkdir(parents=True)
+    (keys / "..2026_12_03" / "node.pem").write_bytes((KEYS / "ec521-sec1.pem").read_bytes())
+    (keys / "..data").symlink_to("..2026_12_03")
+    (keys / "node.pem").symlink_to("..data/node.pem")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert sha256(result.stdout) == digest
+
+
+def assert_failed(result: object, *fragments: str, plaintext: bytes | None = None) -> None:
+    from tests.support import Result
+
+    assert isinstance(result, Result)
+    assert result.returncode == 1
+    assert result.stderr.startswith("ctd-decoder: ") and result.stderr.endswith("\n")
+    assert result.stderr.count("\n") == 1, "one line on stderr"
+    for fragment in fragments:
+        assert fragment in result.stderr
+    if plaintext is not None:
+        assert result.stdout != plaintext and len(result.stdout) < len(plaintext)
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_key_lists_what_was_tried_and_skipped(tmp_path: Path) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("two-recipients")
+    keys = key_dir(tmp_path, "other-rsa2048.pem", "ec256-sec1.pem", "rsa2048.pub.pem")
+    (keys / "notes.txt").write_text("hello\n")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert_failed(
+        result,
+        f"no key opens layer {descriptor['digest']}",
+        "wrapped for: JWE (2 recipients: RSA-OAEP, ECDH-ES+A256KW P-384)",
+        f"{keys}/ec256-sec1.pem (EC P-256)",
+        f"{keys}/other-rsa2048.pem (RSA 2048)",
+        f"{keys}/notes.txt (not a private key",
+        f"{keys}/rsa2048.pub.pem (public key",
+    )
+    assert result.stdout == b""
+
+
+def test_no_keys_at_all(tmp_path: Path) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    missing = tmp_path / "nonexistent"
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(missing))
+    assert_failed(
+        result, "no usable private key was found", f"{missing} (key directory cannot be read"
+    )
+    assert result.stdout == b""
+
+
+def test_no_payload_on_fd3(tmp_path: Path) -> None:
+    ciphertext, _, _ = skopeo_fixture("rsa2048")
+    result = run_decoder(ciphertext, None, args_for(key_dir(tmp_path, "rsa2048-pkcs1.pem")))
+    assert_failed(
+        result, "no decryption payload on fd 3", 'key_model = "node"', "use_local_image_pull = true"
+    )
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "payload on fd 3 is empty"),
+        (os.urandom(64) + b"\xff" * 12, "not a protobuf Any"),
+        (any_bytes(b"{}", "io.containerd.other"), "type URL 'io.containerd.other'"),
+        (any_bytes(b"\x00garbage"), "JSON"),
+    ],
+)
+def test_garbage_payload(payload: bytes, message: str, tmp_path: Path) -> None:
+    ciphertext, _, _ = skopeo_fixture("rsa2048")
+    result = run_decoder(ciphertext, payload, args_for(key_dir(tmp_path, "rsa2048-pkcs1.pem")))
+    assert_failed(result, message)
+    assert result.stdout == b""
+
+
+def tar_gz_layer(size: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = size
+        tar.addfile(info, io.BytesIO(os.urandom(size)))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def layer_and_keys(tmp_path: Path, plaintext: bytes, **kw: object) -> tuple[object, list[str]]:
+    layer = encrypt_layer(plaintext, [KEYS / "ec256.pub.pem"], **kw)  # type: ignore[arg-type]
+    return layer, args_for(key_dir(tmp_path, "ec256-sec1.pem"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
+def test_tampered_layer_is_not_a_complete_stream(damage: str, tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(400_000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    data = bytearray(layer.ciphertext)  # type: ignore[attr-defined]
+    descriptor = dict(layer.descriptor)  # type: ignore[attr-defined]
+    if damage == "truncate":
+        del data[-5000:]
+        descriptor["size"] = len(data)
+    elif damage == "flip":
+        data[100_000] ^= 4
+    else:
+        data += b"more"
+        descriptor["size"] = len(data)
+    result = run_decoder(bytes(data), payload_bytes(descriptor), args)
+    assert_failed(result, "HMAC check", plaintext=plaintext)
+    assert len(result.stdout) % 512 == 1
+    with pytest.raises((EOFError, OSError)):
+        gzip.decompress(result.stdout)
+
+
+def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(100_000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    result = run_decoder(layer.ciphertext[:-10], payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, "bytes on stdin but its descriptor says", plaintext=plaintext)
+
+
+def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for i in range(40):
+            info = tarfile.TarInfo(f"f{i}")
+            info.size = 4096
+            tar.addfile(info, io.BytesIO(os.urandom(4096)))
+    plaintext = raw.getvalue()
+    layer, args = layer_and_keys(
+        tmp_path, plaintext, media_type=TAR_ENCRYPTED, private={"digest": "sha256:" + "0" * 64}
+    )
+    result = run_decoder(layer.ciphertext, payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, "does not match the digest", sha256(plaintext), plaintext=plaintext)
+    assert len(result.stdout) % 512 == 1, "a tar reader sees a cut block, not a clean end"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"private": {"cipheroptions": {}}}, "carry no nonce"),
+        ({"private": {"cipheroptions": {"nonce": b64(b"short")}}}, "nonce is 5 bytes"),
+        ({"private": {"symkey": b64(b"k" * 31)}}, "key is 31 bytes"),
+        ({"public": {"cipher": "AES_256_GCM"}}, "uses cipher 'AES_256_GCM'"),
+        ({"public": {"hmac": None}}, "carry no HMAC"),
+        ({"private": {"digest": None}}, "no plaintext digest"),
+        (
+            {"media_type": "application/vnd.oci.image.layer.v1.tar+gzip"},
+            "is not an encrypted layer type",
+        ),
+        (
+            {"media_type": "application/vnd.wasm.content.layer.v1+wasm+encrypted"},
+            "not an encrypted layer type",
+        ),
+    ],
+)
+def test_bad_layer_options(kwargs: dict[str, object], message: str, tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(1000)
+    layer, args = layer_and_keys(tmp_path, plaintext, **kwargs)
+    result = run_decoder(layer.ciphertext, payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, message)
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({JWE_ANNOTATION: None}, "has no wrapped keys"),
+        ({PUBOPTS: None}, "no org.opencontainers.image.enc.pubopts annotation"),
+        ({PUBOPTS: "%%%"}, "pubopts annotation is not valid base64"),
+        ({JWE_ANNOTATION: "not base64!"}, "is not valid base64"),
+        ({JWE_ANNOTATION: b64(b"{}")}, "JWE 1 is malformed"),
+        (
+            {JWE_ANNOTATION: None, "org.opencontainers.image.enc.keys.pkcs7": b64(b"x")},
+            "PKCS7 (not supported by this version)",
+        ),
+        (
+            {JWE_ANNOTATION: None, "org.opencontainers.image.enc.keys.provider.kms": b64(b"x")},
+            "key provider 'kms' (key providers are not supported",
+        ),
+    ],
+)
+def test_bad_annotations(annotations: dict[str, str | None], message: str, tmp_path: Path) -> None:
+    layer, args = layer_and_keys(tmp_path, tar_gz_layer(1000))
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    for name, value in annotations.items():
+        if value is None:
+            descriptor["annotations"].pop(name)
+        else:
+            descriptor["annotations"][name] = value
+    result = run_decoder(layer.ciphertext, payload_bytes(descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, message)
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--decryption-keys-path"], "needs a value"),
+        (["positional"], "unexpected argument 'positional'"),
+        (["--decryption-keys-path="], "empty path"),
+    ],
+)
+def test_bad_arguments(args: list[str], message: str) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args)
+    assert_failed(result, message)
+    assert result.stdout == b""
+
+
+def test_help_and_version() -> None:
+    result = run_decoder(b"", None, ["--version"])
+    assert (result.returncode, result.stdout.decode()) == (0, f"ctd-decoder {__version__}\n")
+    result = run_decoder(b"", None, ["--help"])
+    assert result.returncode == 0 and b"--decryption-keys-path" in result.stdout
+
+
+def test_key_material_never_printed(tmp_path: Path) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    key_bytes = (KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes()
+    keys = key_dir(tmp_path, "rsa2048-pkcs8-encrypted.pem")
+    (keys / "rsa2048-pkcs8-encrypted.pem.password").write_text("wrong-password-XYZ")
+    params = {
+        "privkeys": [b64((KEYS / "other-rsa2048.pem").read_bytes())],
+        "privkeys-passwords": [b64(b"payload-pw-ABC")],
+    }
+    result = run_decoder(ciphertext, payload_bytes(descriptor, params), args_for(keys))
+    assert_failed(result, "password is wrong")
+    for secret in (
+        "wrong-password-XYZ",
+        "payload-pw-ABC",
+        key_bytes.decode().splitlines()[1][:20],
+        base64.b64encode(key_bytes).decode()[:20],
+    ):
+        assert secret not in result.stderr

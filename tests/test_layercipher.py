@@ -1,0 +1,214 @@
+"""Known-answer and streaming tests of AES_256_CTR_HMAC_SHA256 and its fail-closed release."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from decoder import layercipher
+from decoder.errors import IntegrityError, LayerOptionsError
+from decoder.layercipher import (
+    HOLD_BACK,
+    TAR_BLOCK,
+    CipherParameters,
+    PrivateOptions,
+    PublicOptions,
+    cipher_parameters,
+    decrypt_stream,
+    parse_private_options,
+    parse_public_options,
+)
+
+KAT = json.loads((Path(__file__).parent / "assets" / "kat_aes_ctr_hmac.json").read_text())
+
+
+def kat_params() -> CipherParameters:
+    private = parse_private_options(KAT["private_options"].encode())
+    public = parse_public_options({"org.opencontainers.image.enc.pubopts": KAT["pubopts"]})
+    return cipher_parameters(private, public)
+
+
+def decrypt_bytes(
+    params: CipherParameters, ciphertext: bytes, tmp_path: Path
+) -> tuple[bytes, Exception | None]:
+    src = tmp_path / "in"
+    dst = tmp_path / "out"
+    src.write_bytes(ciphertext)
+    error = None
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            decrypt_stream(params, fin.fileno(), fout.fileno())
+        except IntegrityError as e:
+            error = e
+    return dst.read_bytes(), error
+
+
+def test_known_answer_vector(tmp_path: Path) -> None:
+    out, error = decrypt_bytes(kat_params(), bytes.fromhex(KAT["ciphertext_hex"]), tmp_path)
+    assert error is None
+    assert out == KAT["plaintext"].encode()
+
+
+def test_known_answer_empty_layer_hmac(tmp_path: Path) -> None:
+    params = kat_params()
+    empty = CipherParameters(
+        params.key,
+        params.nonce,
+        bytes.fromhex(KAT["empty_hmac_hex"]),
+        "sha256",
+        hashlib.sha256(b"").digest(),
+    )
+    out, error = decrypt_bytes(empty, b"", tmp_path)
+    assert (out, error) == (b"", None)
+
+
+def make(plaintext: bytes, nonce: bytes | None = None) -> tuple[CipherParameters, bytes]:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = os.urandom(32)
+    iv = nonce or os.urandom(16)
+    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    ciphertext = enc.update(plaintext) + enc.finalize()
+    mac = hmac.new(key, ciphertext, "sha256").digest()
+    return CipherParameters(key, iv, mac, "sha256", hashlib.sha256(plaintext).digest()), ciphertext
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        1,
+        511,
+        512,
+        513,
+        HOLD_BACK,
+        HOLD_BACK + 1,
+        (1 << 20) - 1,
+        1 << 20,
+        (1 << 20) + 1,
+        3 * (1 << 20) + 12345,
+    ],
+)
+def test_round_trip_sizes(size: int, tmp_path: Path) -> None:
+    plaintext = os.urandom(size)
+    params, ciphertext = make(plaintext)
+    out, error = decrypt_bytes(params, ciphertext, tmp_path)
+    assert error is None
+    assert out == plaintext
+
+
+def test_counter_carries_across_64_bit_halves(tmp_path: Path) -> None:
+    # ocicrypt's CTR increments the whole 16-byte IV as one big-endian number.
+    plaintext = os.urandom(4096)
+    params, ciphertext = make(plaintext, nonce=bytes.fromhex("0000000000000000ffffffffffffffff"))
+    out, error = decrypt_bytes(params, ciphertext, tmp_path)
+    assert error is None and out == plaintext
+
+
+@pytest.mark.parametrize("damage", ["flip_middle", "flip_last", "truncate", "append"])
+def test_tampered_ciphertext_never_yields_a_complete_layer(damage: str, tmp_path: Path) -> None:
+    plaintext = os.urandom(3 * (1 << 20) + 777)
+    params, ciphertext = make(plaintext)
+    data = bytearray(ciphertext)
+    if damage == "flip_middle":
+        data[len(data) // 2] ^= 1
+    elif damage == "flip_last":
+        data[-1] ^= 0x80
+    elif damage == "truncate":
+        del data[-1000:]
+    else:
+        data += b"\0"
+    out, error = decrypt_bytes(params, bytes(data), tmp_path)
+    assert isinstance(error, IntegrityError)
+    assert "HMAC" in str(error) and params.expected_hmac.hex() in str(error)
+    assert len(out) < len(plaintext) - HOLD_BACK + 1
+    assert len(out) % TAR_BLOCK == 1, "a released prefix must end mid tar block"
+    expected = bytearray(plaintext)
+    if damage == "flip_middle":  # CTR: the flipped bit shows in the released prefix
+        expected[len(expected) // 2] ^= 1
+    assert bytes(expected).startswith(out)
+
+
+def test_digest_mismatch_withholds_tail(tmp_path: Path) -> None:
+    plaintext = os.urandom(200_000)
+    params, ciphertext = make(plaintext)
+    wrong = CipherParameters(params.key, params.nonce, params.expected_hmac, "sha256", b"\0" * 32)
+    out, error = decrypt_bytes(wrong, ciphertext, tmp_path)
+    assert isinstance(error, IntegrityError)
+    assert "does not match the digest" in str(error)
+    assert "sha256:" + hashlib.sha256(plaintext).hexdigest() in str(error)
+    assert len(out) < len(plaintext) and len(out) % TAR_BLOCK == 1
+
+
+def test_small_tampered_layer_writes_nothing(tmp_path: Path) -> None:
+    params, ciphertext = make(b"a" * 5000)
+    out, error = decrypt_bytes(params, ciphertext[:-1] + b"!", tmp_path)
+    assert isinstance(error, IntegrityError) and out == b""
+
+
+def test_release_point_is_block_plus_one() -> None:
+    for emitted, decrypted in [(0, HOLD_BACK + 5000), (1, HOLD_BACK + 9999), (513, 10 * HOLD_BACK)]:
+        point = layercipher._release_point(emitted, decrypted)
+        assert point >= emitted and point <= decrypted - HOLD_BACK
+        assert point == emitted or point % TAR_BLOCK == 1
+    assert layercipher._release_point(0, HOLD_BACK) == 0
+
+
+def options(**changes: object) -> tuple[PrivateOptions, PublicOptions]:
+    private = PrivateOptions(os.urandom(32), "sha256:" + "ab" * 32, {"nonce": os.urandom(16)})
+    public = PublicOptions("AES_256_CTR_HMAC_SHA256", os.urandom(32), {})
+    for name, value in changes.items():
+        target, field = name.split("_", 1)
+        if target == "priv":
+            private = PrivateOptions(**{**private.__dict__, field: value})
+        else:
+            public = PublicOptions(**{**public.__dict__, field: value})
+    return private, public
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"priv_cipher_options": {}}, "carry no nonce"),
+        ({"priv_cipher_options": {"nonce": b"short"}}, "nonce is 5 bytes"),
+        ({"priv_cipher_options": {"nonce": None}}, "carry no nonce"),
+        ({"priv_symkey": b"k" * 16}, "key is 16 bytes"),
+        ({"priv_symkey": b""}, "key is 0 bytes"),
+        ({"pub_cipher": ""}, "name no cipher"),
+        ({"pub_cipher": "AES_128_GCM"}, "uses cipher 'AES_128_GCM'"),
+        ({"pub_hmac": None}, "carry no HMAC"),
+        ({"pub_hmac": b"x" * 20}, "HMAC is 20 bytes"),
+        ({"priv_digest": ""}, "no plaintext digest"),
+        ({"priv_digest": "md5:abcd"}, "not usable"),
+        ({"priv_digest": "sha256:" + "zz" * 32}, "not hex"),
+    ],
+)
+def test_bad_options_are_refused(changes: dict[str, object], message: str) -> None:
+    private, public = options(**changes)
+    with pytest.raises(LayerOptionsError, match=message):
+        cipher_parameters(private, public)
+
+
+def test_public_nonce_wins_over_private() -> None:
+    private, public = options()
+    public = PublicOptions(public.cipher, public.hmac, {"nonce": b"P" * 16})
+    assert cipher_parameters(private, public).nonce == b"P" * 16
+
+
+def test_options_json_go_semantics() -> None:
+    opts = parse_private_options(
+        b'{"SymKey": [1,2,3], "DIGEST": "sha256:00", "cipherOptions": {"nonce": "AAEC"}}'
+    )
+    assert opts.symkey == b"\x01\x02\x03"
+    assert opts.digest == "sha256:00"
+    assert opts.cipher_options == {"nonce": b"\x00\x01\x02"}
+
+
+@pytest.mark.parametrize("value", ["", "!!!", "bm90IGpzb24="])
+def test_bad_pubopts_annotation(value: str) -> None:
+    with pytest.raises(LayerOptionsError, match="pubopts"):
+        parse_public_options({"org.opencontainers.image.enc.pubopts": value})
