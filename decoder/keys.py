@@ -228,7 +228,6 @@ def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -
 
 
 def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     blocks = list(_PEM_BLOCK.finditer(data))
@@ -255,6 +254,8 @@ def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRin
             else:
                 useful |= _add_private(key_or_reason, source, ring, reasons)
         elif kind == b"CERTIFICATE":
+            from cryptography import x509  # costs ~50 ms: only when a certificate is present
+
             try:
                 cert = x509.load_pem_x509_certificate(text)
             except ValueError:
@@ -273,7 +274,6 @@ def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRin
 
 
 def _classify_der(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     key_or_reason = _load_private(
@@ -290,6 +290,8 @@ def _classify_der(data: bytes, password: bytes | None, source: str, ring: KeyRin
     if "password" in key_or_reason:
         ring.skip(source, key_or_reason)
         return
+    from cryptography import x509
+
     try:
         cert = x509.load_der_x509_certificate(data)
     except ValueError:
