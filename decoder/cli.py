@@ -29,6 +29,19 @@ options:
   --version                   show the version and exit
 """
 
+MAX_MESSAGE_CHARS = 8192
+
+
+def one_line(text: str) -> str:
+    """Escape control characters (names and headers come from untrusted input) and cap length,
+    so each message stays one line that a terminal or `kubectl describe` shows as written."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 20] + " ... (truncated)"
+    return text
+
+
 _VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config"}
 _SWITCHES = {"accept-digest-mismatch"}
 
@@ -90,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except DecoderError as e:
         if os.environ.get("CTD_DECODER_DEBUG") == "1":
             raise
-        sys.stderr.write(f"ctd-decoder: {e}\n")
+        sys.stderr.write(f"ctd-decoder: {one_line(str(e))}\n")
         return 1
     for warning in warnings:
-        sys.stderr.write(f"ctd-decoder: warning: {warning}\n")
+        sys.stderr.write(f"ctd-decoder: warning: {one_line(warning)}\n")
     return 0

@@ -369,3 +369,23 @@ def test_key_material_never_printed(tmp_path: Path) -> None:
         base64.b64encode(key_bytes).decode()[:20],
     ):
         assert secret not in result.stderr
+
+
+def test_hostile_file_names_stay_on_one_line(tmp_path: Path) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    keys = key_dir(tmp_path, "other-rsa2048.pem")
+    (keys / "evil\nname\x1b[31m").write_text("not a key")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert_failed(result, "evil\\nname\\x1b[31m (not a private key")
+    assert "\x1b" not in result.stderr
+
+
+def test_message_length_is_capped(tmp_path: Path) -> None:
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    keys = tmp_path / "many"
+    keys.mkdir()
+    for i in range(400):
+        (keys / f"stray-file-number-{i:04d}.txt").write_text("x")
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
+    assert_failed(result, "(truncated)")
+    assert len(result.stderr) < 8300
