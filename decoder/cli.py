@@ -42,6 +42,47 @@ def one_line(text: str) -> str:
     return text
 
 
+STDOUT_LINGER_SECONDS = 0.5
+
+
+def report_failure(message: str) -> None:
+    """Make the failure reach the operator: stderr, syslog, and an ordering containerd sees.
+
+    containerd reads the processor's stdout to the end, extracts it, and only then asks
+    whether the processor failed; if stdout ends before containerd has reaped us, it
+    applies an empty layer and reports a diffID mismatch instead of this message. So a
+    child keeps stdout open (and nothing else) a little past our exit.
+    """
+    sys.stderr.write(f"ctd-decoder: {message}\n")
+    sys.stderr.flush()
+    try:
+        import syslog
+
+        syslog.openlog("ctd-decoder", syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_ERR, message)
+    except OSError:
+        pass
+    _hold_stdout_open()
+
+
+def _hold_stdout_open() -> None:
+    import stat
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(1).st_mode) or os.fork() != 0:
+            return
+    except OSError:
+        return
+    try:  # the child: only stdout stays open, so containerd's wait for stderr is not delayed
+        os.closerange(0, 1)
+        os.closerange(2, 1 << 16)
+        import time
+
+        time.sleep(STDOUT_LINGER_SECONDS)
+    finally:
+        os._exit(0)
+
+
 _VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config"}
 _SWITCHES = {"accept-digest-mismatch"}
 
@@ -103,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except DecoderError as e:
         if os.environ.get("CTD_DECODER_DEBUG") == "1":
             raise
-        sys.stderr.write(f"ctd-decoder: {one_line(str(e))}\n")
+        report_failure(one_line(str(e)))
         return 1
     for warning in warnings:
         sys.stderr.write(f"ctd-decoder: warning: {one_line(warning)}\n")

@@ -389,3 +389,29 @@ def test_message_length_is_capped(tmp_path: Path) -> None:
     result = run_decoder(ciphertext, payload_bytes(descriptor), args_for(keys))
     assert_failed(result, "(truncated)")
     assert len(result.stderr) < 8300
+
+
+def test_failure_keeps_stdout_open_past_exit(tmp_path: Path) -> None:
+    # containerd checks the processor's exit only after stdout ends: the error must come first.
+    import select
+    import subprocess
+    import sys
+    import time
+
+    ciphertext, descriptor, _ = skopeo_fixture("rsa2048")
+    payload = tmp_path / "payload"
+    payload.write_bytes(payload_bytes(descriptor))
+    blob = tmp_path / "blob"
+    blob.write_bytes(ciphertext)
+    proc = subprocess.Popen(
+        ["/bin/bash", "-c", f'exec 3<"{payload}" <"{blob}"; exec "$@"', "sh",
+         sys.executable, "-m", "decoder", "--decryption-keys-path", str(tmp_path / "none")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.wait(timeout=60) == 1
+    assert proc.stderr is not None and proc.stdout is not None
+    assert b"no key opens layer" in proc.stderr.read()
+    exited = time.monotonic()
+    readable, _, _ = select.select([proc.stdout], [], [], 5)
+    assert readable and proc.stdout.read() == b""
+    assert time.monotonic() - exited > 0.1, "stdout must stay open a moment past the exit"
