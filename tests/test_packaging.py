@@ -1,16 +1,15 @@
 """The PyInstaller bundle and the release tarball that `make package` (packaging/build.sh) makes.
 
-The bundle in dist/ is reused when it is current (same version, built after the last change to
-decoder/, packaging/ or pyproject.toml) and rebuilt otherwise. It must decrypt a layer that
-skopeo encrypts here and now, exactly as containerd would feed it: ciphertext on stdin, a
-protobuf Any payload on fd 3 (a pipe), the key directory in --decryption-keys-path. Missing
-tools (umoci, skopeo, busybox-static, GNU tar) fail these tests; they never skip.
+The bundle in dist/ is reused when it is current (same version and commit, built after the
+last change to decoder/, packaging/ or pyproject.toml) and rebuilt otherwise. It must decrypt
+a layer that skopeo encrypts here and now, exactly as containerd would feed it: ciphertext on
+stdin, a protobuf Any payload on fd 3 (a pipe), the key directory in --decryption-keys-path.
+Missing tools (umoci, skopeo, busybox-static, GNU tar) fail these tests; they never skip.
 """
 
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import json
 import os
@@ -18,10 +17,11 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,11 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DIST = ROOT / "dist"
 NAME = "ctd-decoder"
 INSTALL_DIR = f"opt/{NAME}"
-LINK = f"usr/local/bin/{NAME}"
+BIN_DIR = "usr/local/bin"
+LINK = f"{BIN_DIR}/{NAME}"
 BUILD_SCRIPT = ROOT / "packaging" / "build.sh"
 PAYLOAD_TYPE_URL = b"io.containerd.ocicrypt.v1.Payload"
 POLICY = '{"default":[{"type":"insecureAcceptAnything"}]}'
 ASSETS = ROOT / "tests" / "assets"
+# The same program run from source: the virtualenv's console script.
+SOURCE_DECODER = Path(sys.executable).with_name(NAME)
 # Inputs of the bundle: a change to any of them makes an existing dist/ bundle stale.
 BUILD_INPUTS = [ROOT / "decoder", ROOT / "packaging", ROOT / "pyproject.toml"]
 
@@ -68,11 +71,10 @@ def require_tools(*names: str) -> None:
         pytest.fail(f"missing tools {missing}: run `make deps` (Debian packages) first")
 
 
-def run_build(dist: Path, work: Path | None = None) -> None:
-    env = {**os.environ, "DIST_DIR": str(dist)}
+def run_build(epoch: int, dist: Path, work: Path | None = None) -> None:
+    env = {**os.environ, "DIST_DIR": str(dist), "SOURCE_DATE_EPOCH": str(epoch)}
     if work is not None:
         env["BUILD_DIR"] = str(work)
-    env.pop("SOURCE_DATE_EPOCH", None)  # the tests compare against the last commit's time
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -87,12 +89,17 @@ def newest_input_mtime() -> float:
     return newest
 
 
-def bundle_is_current() -> bool:
+def bundle_is_current(epoch: int) -> bool:
     exe = DIST / NAME / NAME
-    if not (exe.is_file() and (DIST / tarball_name()).is_file() and (DIST / "SHA256SUMS").is_file()):
+    outputs = [exe, DIST / tarball_name(), DIST / "SHA256SUMS"]
+    if not all(path.is_file() for path in outputs):
         return False
     if exe.stat().st_mtime < newest_input_mtime():
         return False
+    with tarfile.open(DIST / tarball_name(), "r:gz") as tar:
+        first = tar.next()
+    if first is None or first.mtime != epoch:
+        return False  # built from another commit
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     return out.returncode == 0 and out.stdout == f"{NAME} {version()}\n"
 
@@ -101,16 +108,18 @@ def bundle_is_current() -> bool:
 class Bundle:
     exe: Path
     tarball: Path
+    epoch: int  # SOURCE_DATE_EPOCH of the build: the last commit's time
     built_now: bool
 
 
 @pytest.fixture(scope="session")
 def bundle() -> Bundle:
     require_tools("git", "tar", "gzip", "sha256sum")
-    built_now = not bundle_is_current()
+    epoch = source_date_epoch()
+    built_now = not bundle_is_current(epoch)
     if built_now:
-        run_build(DIST)
-    return Bundle(DIST / NAME / NAME, DIST / tarball_name(), built_now)
+        run_build(epoch, DIST)
+    return Bundle(DIST / NAME / NAME, DIST / tarball_name(), epoch, built_now)
 
 
 @dataclass(frozen=True)
@@ -121,13 +130,14 @@ class EncryptedLayer:
     keys_dir: Path
 
 
-def _manifest(layout: Path, ref: str) -> dict[str, object]:
+def _manifest(layout: Path, ref: str) -> dict[str, Any]:
     index = json.loads((layout / "index.json").read_text())
     [entry] = [
         m for m in index["manifests"]
         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref
     ]
-    return json.loads(_blob(layout, entry["digest"]))  # type: ignore[no-any-return]
+    manifest: dict[str, Any] = json.loads(_blob(layout, entry["digest"]))
+    return manifest
 
 
 def _blob(layout: Path, digest: str) -> bytes:
@@ -141,7 +151,7 @@ def _write_keys(keys_dir: Path, public_dir: Path) -> dict[str, Path]:
 
     keys_dir.mkdir(mode=0o700)
     public_dir.mkdir()
-    generated = {
+    generated: dict[str, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey] = {
         "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "ec": ec.generate_private_key(ec.SECP384R1()),
     }
@@ -181,13 +191,13 @@ def skopeo_layers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Encrypt
     shutil.copy2(busybox, rootfs_bin / "busybox")
     (rootfs_bin / "sh").symlink_to("busybox")
     run("umoci", "repack", "--image", "img:v1", "bundle")
-    [plain_layer] = _manifest(work / "img", "v1")["layers"]  # type: ignore[misc]
+    [plain_layer] = _manifest(work / "img", "v1")["layers"]
 
     layers = {}
     for name, public_key in public.items():
         run("skopeo", "--policy", "policy.json", "copy", "-q",
             "--encryption-key", f"jwe:{public_key}", "oci:img:v1", f"oci:enc:{name}")
-        [layer] = _manifest(work / "enc", name)["layers"]  # type: ignore[misc]
+        [layer] = _manifest(work / "enc", name)["layers"]
         assert layer["mediaType"].endswith("+encrypted"), layer
         layers[name] = EncryptedLayer(
             blob=_blob(work / "enc", layer["digest"]),
@@ -229,9 +239,10 @@ def run_decoder(
         os.close(write_end)
         write_end = -1
         media_type = str(descriptor["mediaType"])
+        # bash moves the pipe to fd 3, closes the original and execs the decoder
+        move = "" if read_end == 3 else f"3<&{read_end} {read_end}<&-"
         return subprocess.run(
-            # bash moves the pipe to fd 3, closes the original and execs the decoder
-            ["bash", "-c", f'exec "$0" "$@" 3<&{read_end} {read_end}<&-',
+            ["bash", "-c", f'exec "$0" "$@" {move}',
              str(exe), "--decryption-keys-path", str(keys_dir)],
             input=blob, capture_output=True, pass_fds=(read_end,), timeout=60,
             env={**os.environ, "STREAM_PROCESSOR_MEDIATYPE": media_type},
@@ -282,20 +293,25 @@ def test_bundle_without_key_fails_cleanly(
     assert "Traceback" not in stderr
 
 
-def _committed_layers() -> Iterator[Path]:
-    yield from sorted((ASSETS / "skopeo").glob("*.json"))
+def _committed_layers() -> list[Path]:
+    return sorted((ASSETS / "skopeo").glob("*.json"))
 
 
-@pytest.mark.parametrize("descriptor_file", list(_committed_layers()), ids=lambda p: p.stem)
-def test_bundle_decrypts_committed_layers(bundle: Bundle, descriptor_file: Path) -> None:
-    """The committed skopeo layers (RSA 2048/4096, EC P-256/384/521, zstd, two recipients),
-    with the whole assets key directory: every key encoding goes through the bundle's loaders."""
-    descriptor = json.loads(descriptor_file.read_text())
-    expected = descriptor.pop("x-plaintext-digest")
+@pytest.mark.parametrize("descriptor_file", _committed_layers(), ids=lambda p: p.stem)
+def test_bundle_matches_source_on_committed_layers(bundle: Bundle, descriptor_file: Path) -> None:
+    """Every committed skopeo layer (RSA and EC curves, zstd, several recipients, ...), with
+    the whole assets key directory so every key encoding goes through the bundle's loaders:
+    the bundle answers byte for byte as `python -m decoder` from the source tree does."""
+    descriptor = {
+        k: v for k, v in json.loads(descriptor_file.read_text()).items() if not k.startswith("x-")
+    }
     blob = descriptor_file.with_suffix(".blob").read_bytes()
-    result = run_decoder(bundle.exe, blob, descriptor, ASSETS / "keys")
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    assert sha256(result.stdout) == expected
+    assert SOURCE_DECODER.is_file(), f"{SOURCE_DECODER} is missing: pip install -e . first"
+    frozen = run_decoder(bundle.exe, blob, descriptor, ASSETS / "keys")
+    source = run_decoder(SOURCE_DECODER, blob, descriptor, ASSETS / "keys")
+    assert (frozen.returncode, frozen.stderr) == (source.returncode, source.stderr)
+    assert sha256(frozen.stdout) == sha256(source.stdout)
+    assert "Traceback" not in frozen.stderr.decode(errors="replace")
 
 
 def _imported_modules(package_dir: Path) -> set[str]:
@@ -312,13 +328,20 @@ def _imported_modules(package_dir: Path) -> set[str]:
     return names
 
 
+def frozen_contents(exe: Path, recursive: bool) -> set[str]:
+    """Entry names in an executable's PyInstaller archive (and, recursive, its PYZ modules)."""
+    from PyInstaller.archive.readers import (  # type: ignore[import-untyped]
+        pkg_archive_contents,
+    )
+
+    return set(pkg_archive_contents(str(exe), recursive=recursive))
+
+
 def test_bundle_holds_every_lazy_and_by_name_import(bundle: Bundle) -> None:
     """Function-level imports and modules importlib loads by name are all frozen in."""
-    from PyInstaller.archive.readers import pkg_archive_contents
-
     from decoder.keywrap import SCHEMES
 
-    frozen = set(pkg_archive_contents(str(bundle.exe), recursive=True))
+    frozen = frozen_contents(bundle.exe, recursive=True)
     wanted = {
         name for name in _imported_modules(ROOT / "decoder")
         if name.split(".")[0] in ("decoder", "cryptography")
@@ -329,6 +352,13 @@ def test_bundle_holds_every_lazy_and_by_name_import(bundle: Bundle) -> None:
         if name in SCHEMES.values() or _is_module(name)
     )
     assert not missing, f"modules missing from the bundle: {missing}"
+
+
+def test_bundle_skips_the_inspect_runtime_hook(bundle: Bundle) -> None:
+    """The spec drops pyi_rth_inspect (imports inspect and zipfile at every start)."""
+    top_level = frozen_contents(bundle.exe, recursive=False)
+    assert "pyi_rth_inspect" not in top_level
+    assert NAME in top_level
 
 
 def _is_module(name: str) -> bool:
@@ -344,27 +374,34 @@ def _is_module(name: str) -> bool:
 
 
 def test_tarball_layout(bundle: Bundle) -> None:
-    epoch = source_date_epoch()
+    """opt/ctd-decoder/** plus a usr/local/bin link for each program at the bundle's top
+    (ctd-decoder, and ctd-encoder once it exists), owned by root, dated SOURCE_DATE_EPOCH."""
+    programs = sorted(
+        p.name for p in bundle.exe.parent.iterdir() if p.is_file() and os.access(p, os.X_OK)
+    )
+    assert NAME in programs
+    links = {f"{BIN_DIR}/{program}": program for program in programs}
     with tarfile.open(bundle.tarball, "r:gz") as tar:
         members = {m.name: m for m in tar.getmembers()}
-    outside = [n for n in members if not (n == LINK or n.startswith(f"{INSTALL_DIR}/")
-                                          or n == INSTALL_DIR)]
-    assert not outside, f"entries outside {INSTALL_DIR}/ and {LINK}: {outside}"
-    exe = members[f"{INSTALL_DIR}/{NAME}"]
-    assert exe.isfile() and exe.mode & 0o111 == 0o111, oct(exe.mode)
+    outside = [n for n in members
+               if n not in links and n != INSTALL_DIR and not n.startswith(f"{INSTALL_DIR}/")]
+    assert not outside, f"entries outside {INSTALL_DIR}/ and the {BIN_DIR} links: {outside}"
     assert f"{INSTALL_DIR}/_internal" in members
-    link = members[LINK]
-    assert link.issym(), f"{LINK} is not a symlink"
-    if link.linkname.startswith("/"):
-        assert link.linkname == f"/{INSTALL_DIR}/{NAME}"
-    else:
-        assert os.path.normpath(os.path.join(os.path.dirname(LINK), link.linkname)) == (
-            f"{INSTALL_DIR}/{NAME}"
-        )
+    for link_name, program in links.items():
+        target = f"{INSTALL_DIR}/{program}"
+        assert members[target].isfile() and members[target].mode & 0o111 == 0o111, target
+        link = members[link_name]
+        assert link.issym(), f"{link_name} is not a symlink"
+        if link.linkname.startswith("/"):
+            assert link.linkname == f"/{target}"
+        else:
+            resolved = os.path.normpath(os.path.join(os.path.dirname(link_name), link.linkname))
+            assert resolved == target, link.linkname
     for member in members.values():
         assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", ""), member.name
-        assert member.mtime == epoch, member.name
-        assert not member.mode & 0o022, f"{member.name} is group/world writable"
+        assert member.mtime == bundle.epoch, member.name
+        if not member.issym():
+            assert not member.mode & 0o022, f"{member.name} is group/world writable"
 
 
 def test_tarball_gzip_header_is_deterministic(bundle: Bundle) -> None:
@@ -409,10 +446,21 @@ def test_tarball_is_reproducible(bundle: Bundle, tmp_path: Path) -> None:
     Reuses dist/ as the first build when this session just made it (about 15 s per build)."""
     first = bundle.tarball if bundle.built_now else None
     if first is None:
-        run_build(tmp_path / "a" / "dist", tmp_path / "a" / "build")
+        run_build(bundle.epoch, tmp_path / "a" / "dist", tmp_path / "a" / "build")
         first = tmp_path / "a" / "dist" / tarball_name()
-    run_build(tmp_path / "b" / "dist", tmp_path / "b" / "build")
+    run_build(bundle.epoch, tmp_path / "b" / "dist", tmp_path / "b" / "build")
     second = tmp_path / "b" / "dist" / tarball_name()
-    assert hashlib.sha256(first.read_bytes()).digest() == (
-        hashlib.sha256(second.read_bytes()).digest()
-    ), "two builds of the same tree differ"
+    if first.read_bytes() != second.read_bytes():
+        a, b = _tar_entries(first), _tar_entries(second)
+        differing = sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
+        pytest.fail(f"two builds of the same tree differ; entries that differ: {differing}")
+
+
+def _tar_entries(path: Path) -> dict[str, tuple[object, ...]]:
+    entries: dict[str, tuple[object, ...]] = {}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            data = tar.extractfile(member) if member.isfile() else None
+            digest = hashlib.sha256(data.read()).hexdigest() if data else member.linkname
+            entries[member.name] = (member.mode, member.mtime, member.uid, member.gid, digest)
+    return entries
