@@ -117,6 +117,20 @@ def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
     return values, None
 
 
+def _print(text: str) -> int:
+    """Write help or version text; a closed or broken stdout is exit 1, not a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, AttributeError, ValueError):  # AttributeError: fd 1 closed at start-up
+        try:  # so the interpreter's own flush at exit finds somewhere to write
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ctd-decoder console script."""
     from decoder.errors import DecoderError
@@ -125,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values, action = parse_args(args)
         if action == "help":
-            sys.stdout.write(USAGE)
-            return 0
+            return _print(USAGE)
         if action == "version":
-            sys.stdout.write(f"ctd-decoder {__version__}\n")
-            return 0
+            return _print(f"ctd-decoder {__version__}\n")
         from decoder import decode
 
         provider_configs = values["keyprovider-config"]

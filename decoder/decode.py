@@ -43,8 +43,7 @@ def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
     private_json = keywrap.unwrap_private_options(descriptor.annotations, ring, layer)
     private = layercipher.parse_private_options(private_json)
     params = layercipher.cipher_parameters(private, public)
-    expected_size = descriptor.size if descriptor.size > 0 else None
     warning = layercipher.decrypt_stream(
-        params, in_fd, out_fd, expected_size, options.accept_digest_mismatch
+        params, in_fd, out_fd, descriptor.size, options.accept_digest_mismatch
     )
     return [*ring.warnings, *([warning] if warning else [])]

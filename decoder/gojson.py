@@ -25,6 +25,8 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data, object_pairs_hook=_Object)
     except (ValueError, UnicodeDecodeError) as e:
         raise GoJSONError(f"not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise GoJSONError("JSON nested too deeply") from e
 
 
 class _Object(list[tuple[str, Any]]):

@@ -31,8 +31,13 @@ if TYPE_CHECKING:
 
 PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file-name suffix)
 MAX_KEY_FILE_BYTES = 1024 * 1024
+MAX_DIRECTORY_ENTRIES = 4096
+MAX_DIRECTORY_DEPTH = 16
+MAX_RSA_BITS = 16384
+MAX_PBKDF2_ITERATIONS = 2_000_000
+MAX_SCRYPT_BYTES = 256 * 1024 * 1024
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,64})-----")
 _PRIVATE_PEM_TYPES = {
     b"PRIVATE KEY",
     b"RSA PRIVATE KEY",
@@ -113,42 +118,53 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
     except OSError as e:
         ring.skip(directory, f"key directory cannot be read ({e.strerror})")
         return
-    found: dict[str, _Found] = {}
-    _walk(directory, root_real, root_real, (root_real,), found, ring)
+    found = _walk(directory, root_real, ring)
     reals = {f.real for f in found.values()}
     for item in found.values():
-        if item.real.endswith(PASSWORD_SUFFIX):
-            if item.real[: -len(PASSWORD_SUFFIX)] not in reals:
-                ring.skip(item.display, "password file with no key file beside it")
-            continue
+        if item.real.endswith(PASSWORD_SUFFIX) and item.real[: -len(PASSWORD_SUFFIX)] in reals:
+            continue  # the password of the key file beside it
         data = _read_file(item, ring)
         if data is None:
             continue
         password: bytes | None = None
-        if item.real + PASSWORD_SUFFIX in reals:
-            password_item = next(f for f in found.values() if f.real == item.real + PASSWORD_SUFFIX)
+        password_item = found.get(item.real + PASSWORD_SUFFIX)
+        if password_item is not None:
             raw = _read_file(password_item, ring)
             if raw is not None:
                 password = _strip_newline(raw)
+        skipped_before = len(ring.skipped)
         _classify(data, password, item.display, ring)
+        if item.real.endswith(PASSWORD_SUFFIX) and len(ring.skipped) > skipped_before:
+            ring.skipped[-1] = (item.display, "password file with no key file beside it")
 
 
-def _walk(
-    display_dir: str,
-    real_dir: str,
-    root_real: str,
-    ancestors: tuple[str, ...],
-    found: dict[str, _Found],
-    ring: KeyRing,
-) -> None:
-    try:
-        names = sorted(os.listdir(real_dir))
-    except OSError as e:
-        ring.skip(display_dir, f"directory cannot be listed ({e.strerror})")
-        return
-    for name in names:
-        display = os.path.join(display_dir, name)
-        path = os.path.join(real_dir, name)
+@dataclass
+class _Frame:
+    display: str
+    ancestors: tuple[str, ...]
+    names: list[str]
+    index: int = 0
+
+
+def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]:
+    """Regular files below the root in name order, each real file once, by real path."""
+    found: dict[str, _Found] = {}
+    visited = {root_real}
+    frames = [_Frame(root_display, (root_real,), _list(root_display, root_real, ring))]
+    entries = 0
+    while frames:
+        frame = frames[-1]
+        if frame.index >= len(frame.names):
+            frames.pop()
+            continue
+        name = frame.names[frame.index]
+        frame.index += 1
+        entries += 1
+        if entries > MAX_DIRECTORY_ENTRIES:
+            ring.skip(root_display, f"more than {MAX_DIRECTORY_ENTRIES} entries; the rest not read")
+            break
+        display = os.path.join(frame.display, name)
+        path = os.path.join(frame.ancestors[-1], name)
         try:
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
@@ -163,12 +179,15 @@ def _walk(
             ring.skip(display, f"cannot be read ({e.strerror})")
             continue
         if stat.S_ISDIR(st.st_mode):
-            if real in ancestors:
+            if real in frame.ancestors:
                 ring.warnings.append(f"skipped {display}: link loops back to {real}")
-                continue
-            if any(f.real.startswith(real + os.sep) for f in found.values()):
-                continue  # an alias of a directory already walked, as a Secret's ..data is
-            _walk(display, real, root_real, (*ancestors, real), found, ring)
+            elif real in visited:
+                pass  # another name for a directory already walked, as a Secret's ..data is
+            elif len(frame.ancestors) > MAX_DIRECTORY_DEPTH:
+                ring.skip(display, f"deeper than {MAX_DIRECTORY_DEPTH} directory levels")
+            else:
+                visited.add(real)
+                frames.append(_Frame(display, (*frame.ancestors, real), _list(display, real, ring)))
         elif stat.S_ISREG(st.st_mode):
             previous = found.get(real)
             if previous is None:
@@ -177,6 +196,15 @@ def _walk(
                 previous.display = display
         else:
             ring.skip(display, "not a regular file")
+    return found
+
+
+def _list(display: str, real: str, ring: KeyRing) -> list[str]:
+    try:
+        return sorted(os.listdir(real))
+    except OSError as e:
+        ring.skip(display, f"directory cannot be listed ({e.strerror})")
+        return []
 
 
 def _is_hidden(path: str) -> bool:
@@ -185,7 +213,12 @@ def _is_hidden(path: str) -> bool:
 
 def _read_file(item: _Found, ring: KeyRing) -> bytes | None:
     try:
-        with open(item.real, "rb") as f:
+        # O_NONBLOCK: a file swapped for a FIFO after the walk must not hang the decoder.
+        fd = os.open(item.real, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                ring.skip(item.display, "not a regular file")
+                return None
             data = f.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as e:
         ring.skip(item.display, f"cannot be read ({e.strerror})")
@@ -209,6 +242,8 @@ def _strip_newline(data: bytes) -> bytes:
 
 def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
     """Add what `data` holds to the ring, or record why it is of no use."""
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors write
+        data = data[3:]
     stripped = data.strip()
     if not stripped:
         ring.skip(source, "empty file")
@@ -230,7 +265,7 @@ def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -
 def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    blocks = list(_PEM_BLOCK.finditer(data))
+    blocks = _pem_blocks(data)
     if not blocks:
         if b"-----BEGIN PGP" in data:
             ring.skip(source, "armored OpenPGP key (PGP keys are not supported yet)")
@@ -239,10 +274,13 @@ def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRin
         return
     useful = False
     reasons: list[str] = []
-    for block in blocks:
-        kind = block.group(1)
-        text = block.group(0)
+    for kind, text in blocks:
         if kind in _PRIVATE_PEM_TYPES:
+            if kind == b"ENCRYPTED PRIVATE KEY" and password is not None:
+                too_costly = _kdf_too_costly(_pem_body(text))
+                if too_costly:
+                    reasons.append(too_costly)
+                    continue
             key_or_reason = _load_private(
                 lambda pw, t=text: serialization.load_pem_private_key(
                     t, pw, unsafe_skip_rsa_key_validation=True
@@ -273,8 +311,99 @@ def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRin
         ring.skip(source, "; ".join(reasons) or "no private key in the PEM text")
 
 
+def _pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole block) for each complete PEM block, found in one linear pass."""
+    blocks = []
+    pos = 0
+    while (begin := _PEM_BEGIN.search(data, pos)) is not None:
+        kind = begin.group(1)
+        end_marker = b"-----END " + kind + b"-----"
+        end = data.find(end_marker, begin.end())
+        if end < 0:
+            pos = begin.end()
+            continue
+        blocks.append((kind, data[begin.start() : end + len(end_marker)]))
+        pos = end + len(end_marker)
+    return blocks
+
+
+def _pem_body(block: bytes) -> bytes:
+    import binascii
+
+    lines = block.splitlines()[1:-1]
+    try:
+        return binascii.a2b_base64(b"".join(line for line in lines if b":" not in line))
+    except binascii.Error:
+        return b""
+
+
+# PKCS#5 / PKCS#12 password-based encryption identifiers (DER OID contents).
+_OID_PBES2 = bytes.fromhex("2a864886f70d01050d")
+_OID_PBKDF2 = bytes.fromhex("2a864886f70d01050c")
+_OID_SCRYPT = bytes.fromhex("2b06010401da47040b")
+_OID_PKCS12_PBE_PREFIX = bytes.fromhex("2a864886f70d010c01")
+
+
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, contents) items directly inside `data`; [] when it is not well-formed DER."""
+    items = []
+    pos = 0
+    while pos < len(data):
+        if pos + 2 > len(data):
+            return []
+        tag, length = data[pos], data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            count = length & 0x7F
+            if count == 0 or count > 4 or pos + count > len(data):
+                return []
+            length = int.from_bytes(data[pos : pos + count], "big")
+            pos += count
+        if pos + length > len(data):
+            return []
+        items.append((tag, data[pos : pos + length]))
+        pos += length
+    return items
+
+
+def _integers(data: bytes) -> list[int]:
+    return [int.from_bytes(value, "big") for tag, value in _der_items(data) if tag == 0x02]
+
+
+def _kdf_too_costly(der: bytes) -> str | None:
+    """Why deriving the key of this EncryptedPrivateKeyInfo would take too long or too much
+    memory: its iteration count and scrypt parameters are whatever its writer chose."""
+    try:
+        (_, info), *_ = _der_items(der)
+        (_, algorithm), *_ = _der_items(info)
+        (_, oid), (_, params), *_ = _der_items(algorithm)
+        if oid == _OID_PBES2:
+            (_, kdf), *_ = _der_items(params)
+            (_, kdf_oid), (_, kdf_params), *_ = _der_items(kdf)
+            values = _integers(kdf_params)
+            if kdf_oid == _OID_PBKDF2 and values and values[0] > MAX_PBKDF2_ITERATIONS:
+                return f"encrypted private key with {values[0]} PBKDF2 iterations (too costly)"
+            if kdf_oid == _OID_SCRYPT and len(values) >= 3:
+                n, r, p = values[:3]
+                if 128 * n * r * max(p, 1) > MAX_SCRYPT_BYTES:
+                    return "encrypted private key whose scrypt parameters are too costly"
+        elif oid.startswith(_OID_PKCS12_PBE_PREFIX):
+            values = _integers(params)
+            if values and values[0] > MAX_PBKDF2_ITERATIONS:
+                return f"encrypted private key with {values[0]} iterations (too costly)"
+    except ValueError:  # not the expected structure: cryptography will say what it is
+        return None
+    return None
+
+
 def _classify_der(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
     from cryptography.hazmat.primitives import serialization
+
+    if password is not None:
+        too_costly = _kdf_too_costly(data)
+        if too_costly:
+            ring.skip(source, too_costly)
+            return
 
     key_or_reason = _load_private(
         lambda pw: serialization.load_der_private_key(
@@ -333,6 +462,9 @@ def _add_private(key: Any, source: str, ring: KeyRing, reasons: list[str]) -> bo
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size > MAX_RSA_BITS:
+            reasons.append(f"RSA key of {key.key_size} bits (at most {MAX_RSA_BITS} are used)")
+            return False
         ring.private_keys.append(PrivateKey(source, key, f"RSA {key.key_size}"))
         return True
     if isinstance(key, ec.EllipticCurvePrivateKey):
@@ -359,7 +491,7 @@ def _int(value: Any) -> int:
 def _classify_jwk(data: bytes, source: str, ring: KeyRing) -> None:
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         ring.skip(source, "JSON that is not a JWK")
         return
     jwks = obj.get("keys") if isinstance(obj, dict) and "kty" not in obj else [obj]
@@ -393,16 +525,19 @@ def private_key_from_jwk(jwk: Any) -> Any:
         return "public JWK, not a private key"
     if kty == "RSA":
         n, e, d = _int(jwk["n"]), _int(jwk["e"]), _int(jwk["d"])
-        if all(k in jwk for k in ("p", "q", "dp", "dq", "qi")):
-            p, q = _int(jwk["p"]), _int(jwk["q"])
+        if n.bit_length() > MAX_RSA_BITS:
+            return f"RSA JWK of {n.bit_length()} bits (at most {MAX_RSA_BITS} are used)"
+        if "p" not in jwk or "q" not in jwk:
+            return "RSA JWK without its primes p and q"
+        p, q = _int(jwk["p"]), _int(jwk["q"])
+        if p * q != n:
+            return "RSA JWK whose primes do not multiply to its modulus"
+        if all(k in jwk for k in ("dp", "dq", "qi")):
             dmp1, dmq1, iqmp = _int(jwk["dp"]), _int(jwk["dq"]), _int(jwk["qi"])
         else:
-            p, q = rsa.rsa_recover_prime_factors(n, e, d)
-            dmp1, dmq1, iqmp = (
-                rsa.rsa_crt_dmp1(d, p),
-                rsa.rsa_crt_dmq1(d, q),
-                rsa.rsa_crt_iqmp(p, q),
-            )
+            dmp1 = rsa.rsa_crt_dmp1(d, p)
+            dmq1 = rsa.rsa_crt_dmq1(d, q)
+            iqmp = rsa.rsa_crt_iqmp(p, q)
         public = rsa.RSAPublicNumbers(e, n)
         return rsa.RSAPrivateNumbers(p, q, d, dmp1, dmq1, iqmp, public).private_key()
     if kty == "EC":

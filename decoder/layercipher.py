@@ -129,8 +129,15 @@ def cipher_parameters(private: PrivateOptions, public: PublicOptions) -> CipherP
         raise LayerOptionsError(
             f"the layer key is {len(private.symkey)} bytes; AES-256 needs {KEY_BYTES}"
         )
-    # ocicrypt looks the nonce up in the public options first, then in the private ones.
-    nonce = public.cipher_options.get("nonce") or private.cipher_options.get("nonce")
+    # ocicrypt writes the nonce into the private options, which the key wrap authenticates;
+    # it reads public first, but a public nonce is unauthenticated, so it only fills a gap.
+    private_nonce = private.cipher_options.get("nonce")
+    public_nonce = public.cipher_options.get("nonce")
+    if private_nonce and public_nonce and private_nonce != public_nonce:
+        raise LayerOptionsError(
+            "the layer's public options carry a nonce that differs from its private one"
+        )
+    nonce = private_nonce or public_nonce
     if not nonce:
         raise LayerOptionsError("the layer's cipher options carry no nonce")
     if len(nonce) != NONCE_BYTES:
@@ -177,20 +184,22 @@ class LayerDecryptor:
     def verify(self, accept_digest_mismatch: bool = False) -> str | None:
         """Raise IntegrityError unless the HMAC and the plaintext digest both match. With
         accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning."""
+        # Neither the computed HMAC nor the digests are shown: the HMAC of chosen ciphertext
+        # under the layer key would let its sender forge a layer, and the plaintext digest is
+        # part of the wrapped, confidential options.
         mac = self._mac.digest()
         if not hmac.compare_digest(mac, self._params.expected_hmac):
             raise IntegrityError(
                 "the layer failed its HMAC check (tampered, truncated or not this layer's "
-                f"ciphertext): expected {self._params.expected_hmac.hex()}, computed {mac.hex()}; "
+                f"ciphertext; expected HMAC {self._params.expected_hmac.hex()}); "
                 "the end of the plaintext was withheld"
             )
         digest = self._digest.digest()
         if hmac.compare_digest(digest, self._params.expected_digest):
             return None
-        algorithm = self._params.digest_algorithm
         mismatch = (
-            "the decrypted layer does not match the digest in its private options: expected "
-            f"{algorithm}:{self._params.expected_digest.hex()}, got {algorithm}:{digest.hex()}"
+            f"the decrypted layer does not match the {self._params.digest_algorithm} digest "
+            "recorded in its private options"
         )
         if accept_digest_mismatch:
             return f"{mismatch}; accepted because the HMAC verified (--accept-digest-mismatch)"
@@ -216,9 +225,12 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def _release_point(emitted: int, decrypted: int) -> int:
-    """How far plaintext may go out: HOLD_BACK kept, ending 1 byte past a 512-byte block."""
-    limit = decrypted - HOLD_BACK
+def _release_point(emitted: int, decrypted: int, expected_size: int | None = None) -> int:
+    """How far plaintext may go out: HOLD_BACK kept before the end (the descriptor's size
+    when known, so appended bytes cannot push the real end out early), ending 1 byte past a
+    512-byte block."""
+    end = decrypted if expected_size is None else min(decrypted, expected_size)
+    limit = end - HOLD_BACK
     if limit <= emitted:
         return emitted
     return max(emitted, limit - (limit - 1) % TAR_BLOCK)
@@ -252,9 +264,14 @@ def decrypt_stream(
             filled += n
         if filled == 0:
             break
+        if expected_size is not None and decryptor.bytes_processed + filled > expected_size:
+            raise IntegrityError(
+                f"stdin carries more than the {expected_size} bytes the layer's descriptor "
+                "gives; the end of the plaintext was withheld"
+            )
         decryptor.update_into(cipher_view[:filled], plain_view[pending:])
         pending += filled
-        release = _release_point(emitted, decryptor.bytes_processed) - emitted
+        release = _release_point(emitted, decryptor.bytes_processed, expected_size) - emitted
         if release > 0:
             write(out_fd, plain_view[:release])
             emitted += release
@@ -265,7 +282,7 @@ def decrypt_stream(
     total = decryptor.bytes_processed
     if expected_size is not None and expected_size != total:
         raise IntegrityError(
-            f"the layer is {total} bytes on stdin but its descriptor says {expected_size}; "
+            f"stdin ended after {total} bytes but the layer's descriptor gives {expected_size}; "
             "the end of the plaintext was withheld"
         )
     warning = decryptor.verify(accept_digest_mismatch)

@@ -17,7 +17,8 @@ from decoder.errors import PayloadError
 from decoder.spec import PAYLOAD_TYPE_URL
 
 PAYLOAD_FD = 3
-MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+PAYLOAD_TIMEOUT_SECONDS = 30.0
 
 NO_PAYLOAD_HELP = (
     "containerd passed no decryption payload on fd 3, so the layer's wrapped keys are unknown; "
@@ -37,7 +38,7 @@ class Descriptor:
 
     media_type: str
     digest: str
-    size: int
+    size: int | None
     annotations: dict[str, str] = field(default_factory=dict)
 
 
@@ -60,9 +61,23 @@ def read_payload_fd(fd: int = PAYLOAD_FD) -> bytes:
             "fd 3 is open but is not a pipe or file, so it is not a containerd payload; "
             + NO_PAYLOAD_HELP
         )
+    import select
+    import time
+
+    # containerd writes the whole payload at once and closes its end; a writer that keeps
+    # fd 3 open without finishing must not hang the pull forever.
+    deadline = time.monotonic() + PAYLOAD_TIMEOUT_SECONDS
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     chunks: list[bytes] = []
     total = 0
     while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise PayloadError(
+                f"the payload on fd 3 did not end within {PAYLOAD_TIMEOUT_SECONDS:.0f} s "
+                "(its writer kept the pipe open)"
+            )
         try:
             chunk = os.read(fd, 1 << 16)
         except OSError as e:
@@ -71,7 +86,7 @@ def read_payload_fd(fd: int = PAYLOAD_FD) -> bytes:
             break
         total += len(chunk)
         if total > MAX_PAYLOAD_BYTES:
-            raise PayloadError("the payload on fd 3 is larger than 64 MiB; refusing it")
+            raise PayloadError("the payload on fd 3 is larger than 4 MiB; refusing it")
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
@@ -149,10 +164,14 @@ def parse_payload(data: bytes) -> Payload:
         annotations = {
             k: gojson.as_str(v) for k, v in gojson.items(gojson.field(desc, "annotations"))
         }
+        raw_size = gojson.field(desc, "size")
+        size = None if raw_size is None else gojson.as_int(raw_size)
+        if size is not None and size < 0:
+            raise PayloadError(f"the layer descriptor's size is negative ({size})")
         descriptor = Descriptor(
             media_type=gojson.as_str(gojson.field(desc, "mediaType")),
             digest=gojson.as_str(gojson.field(desc, "digest")),
-            size=gojson.as_int(gojson.field(desc, "size")),
+            size=size,
             annotations=annotations,
         )
     except gojson.GoJSONError as e:

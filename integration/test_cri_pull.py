@@ -205,7 +205,7 @@ def test_recompressed_layer_is_refused_by_default(
     # containerd extracts the released (truncated) plaintext first and fails on its end before
     # it looks at the decoder's exit status, so the CRI error is the decompressor's EOF
     details = failure.value.details
-    assert "unexpected EOF" in details or "does not match the digest" in details, details
+    assert "unexpected EOF" in details or "does not match the sha256 digest" in details, details
     assert keys.snapshots() == snapshots
     assert image.ref not in keys.image_refs()
     # what the decoder says, run by hand exactly as containerd runs it
@@ -213,7 +213,7 @@ def test_recompressed_layer_is_refused_by_default(
     stderr = result.stderr.decode(errors="replace")
     assert result.returncode == 1
     assert stderr.startswith(harness.DECODER_MESSAGE_PREFIX)
-    assert "does not match the digest in its private options" in stderr, stderr
+    assert "does not match the sha256 digest recorded in its private options" in stderr, stderr
     assert "--accept-digest-mismatch" in stderr
     assert len(result.stdout) < image.layers[0]["size"], "the tail must be withheld"
 

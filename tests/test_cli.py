@@ -72,13 +72,13 @@ def test_skopeo_recompressed_layers_need_explicit_trust(fixture: str, tmp_path: 
     ciphertext, descriptor, plaintext_digest = skopeo_fixture(fixture)
     args = args_for(key_dir(tmp_path, "ec256-sec1.pem"))
     strict = run_decoder(ciphertext, payload_bytes(descriptor), args)
-    assert_failed(strict, "does not match the digest", "--accept-digest-mismatch")
+    assert_failed(strict, "does not match the sha256 digest", "--accept-digest-mismatch")
     assert strict.stdout == b""  # smaller than the hold-back: nothing is released
     trusting = run_decoder(
         ciphertext, payload_bytes(descriptor), [*args, "--accept-digest-mismatch"]
     )
     assert trusting.returncode == 0
-    assert "warning: the decrypted layer does not match the digest" in trusting.stderr
+    assert "warning: the decrypted layer does not match the sha256 digest" in trusting.stderr
     assert len(trusting.stdout) == len(ciphertext)
     if plaintext_digest:
         assert sha256(trusting.stdout) == plaintext_digest
@@ -251,7 +251,7 @@ def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
     plaintext = tar_gz_layer(100_000)
     layer, args = layer_and_keys(tmp_path, plaintext)
     result = run_decoder(layer.ciphertext[:-10], payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
-    assert_failed(result, "bytes on stdin but its descriptor says", plaintext=plaintext)
+    assert_failed(result, "stdin ended after", "descriptor gives", plaintext=plaintext)
 
 
 def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
@@ -266,7 +266,8 @@ def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
         tmp_path, plaintext, media_type=TAR_ENCRYPTED, private={"digest": "sha256:" + "0" * 64}
     )
     result = run_decoder(layer.ciphertext, payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
-    assert_failed(result, "does not match the digest", sha256(plaintext), plaintext=plaintext)
+    assert_failed(result, "does not match the sha256 digest", plaintext=plaintext)
+    assert sha256(plaintext)[7:] not in result.stderr, "the confidential digest is not shown"
     assert len(result.stdout) % 512 == 1, "a tar reader sees a cut block, not a clean end"
 
 
@@ -404,9 +405,19 @@ def test_failure_keeps_stdout_open_past_exit(tmp_path: Path) -> None:
     blob = tmp_path / "blob"
     blob.write_bytes(ciphertext)
     proc = subprocess.Popen(
-        ["/bin/bash", "-c", f'exec 3<"{payload}" <"{blob}"; exec "$@"', "sh",
-         sys.executable, "-m", "decoder", "--decryption-keys-path", str(tmp_path / "none")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            "/bin/bash",
+            "-c",
+            f'exec 3<"{payload}" <"{blob}"; exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "decoder",
+            "--decryption-keys-path",
+            str(tmp_path / "none"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.wait(timeout=60) == 1
     assert proc.stderr is not None and proc.stdout is not None
@@ -415,3 +426,150 @@ def test_failure_keeps_stdout_open_past_exit(tmp_path: Path) -> None:
     readable, _, _ = select.select([proc.stdout], [], [], 5)
     assert readable and proc.stdout.read() == b""
     assert time.monotonic() - exited > 0.1, "stdout must stay open a moment past the exit"
+
+
+def test_negative_descriptor_size(tmp_path: Path) -> None:
+    layer, args = layer_and_keys(tmp_path, tar_gz_layer(1000))
+    descriptor = {**layer.descriptor, "size": -1}  # type: ignore[attr-defined]
+    result = run_decoder(layer.ciphertext, payload_bytes(descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, "size is negative")
+
+
+def test_appended_ciphertext_keeps_the_layer_incomplete(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("data.bin")
+        info.size = 300_000
+        tar.addfile(info, io.BytesIO(os.urandom(300_000)))
+    plaintext = raw.getvalue()
+    layer, args = layer_and_keys(tmp_path, plaintext, media_type=TAR_ENCRYPTED)
+    data = layer.ciphertext + os.urandom(70 * 1024)  # type: ignore[attr-defined]
+    result = run_decoder(data, payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, "stdin carries more than", plaintext=plaintext)
+    assert len(result.stdout) <= len(plaintext) - 64 * 1024
+    with pytest.raises(tarfile.ReadError), tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+        tar.getmembers()
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("target", ["pubopts", "jwe"])
+def test_deeply_nested_json_is_an_error_not_a_crash(target: str, tmp_path: Path) -> None:
+    layer, args = layer_and_keys(tmp_path, tar_gz_layer(1000))
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    name = PUBOPTS if target == "pubopts" else JWE_ANNOTATION
+    descriptor["annotations"][name] = b64(b'{"a":' + nested(100_000) + b"}")
+    result = run_decoder(layer.ciphertext, payload_bytes(descriptor), args)  # type: ignore[attr-defined]
+    assert_failed(result, "nested too deeply" if target == "pubopts" else "JWE 1 is malformed")
+
+
+def jwe_with_header(header: dict[str, object]) -> str:
+    def enc(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    blob = {
+        "protected": enc(json.dumps(header).encode()),
+        "encrypted_key": "AAAA",
+        "iv": "AAAA",
+        "ciphertext": "AAAA",
+        "tag": "AAAA",
+    }
+    return b64(json.dumps(blob).encode())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "RSA-OAEP", "enc": ["A256GCM"]},
+        {"alg": {"x": 1}, "enc": "A256GCM"},
+        {
+            "alg": "ECDH-ES+A256KW",
+            "enc": "A256GCM",
+            "apu": 5,
+            "epk": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"},
+        },
+    ],
+)
+def test_hostile_jwe_headers_are_errors_not_crashes(
+    header: dict[str, object], tmp_path: Path
+) -> None:
+    layer, _ = layer_and_keys(tmp_path, tar_gz_layer(1000))
+    keys = key_dir(tmp_path, "ec256-sec1.pem", "rsa2048-pkcs1.pem")
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    descriptor["annotations"][JWE_ANNOTATION] = jwe_with_header(header)
+    result = run_decoder(layer.ciphertext, payload_bytes(descriptor), args_for(keys))  # type: ignore[attr-defined]
+    assert_failed(result, "no key opens layer")
+
+
+def test_ecdh_recipient_with_bad_apu_and_a_real_point(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    numbers = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
+
+    def coordinate(value: int) -> str:
+        return base64.urlsafe_b64encode(value.to_bytes(32, "big")).decode().rstrip("=")
+
+    header = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "apu": "not base64url!",
+        "epk": {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": coordinate(numbers.x),
+            "y": coordinate(numbers.y),
+        },
+    }
+    test_hostile_jwe_headers_are_errors_not_crashes(header, tmp_path)
+
+
+def test_newlines_inside_the_jwe_annotation_are_accepted(tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(1000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    value = descriptor["annotations"][JWE_ANNOTATION]
+    descriptor["annotations"][JWE_ANNOTATION] = "\n".join(
+        value[i : i + 76] for i in range(0, len(value), 76)
+    )
+    result = run_decoder(layer.ciphertext, payload_bytes(descriptor), args)  # type: ignore[attr-defined]
+    assert result.returncode == 0 and result.stdout == plaintext
+
+
+def test_help_and_version_to_a_closed_or_broken_stdout() -> None:
+    import subprocess
+    import sys
+
+    for shell in ('"$@" --help >&-', '"$@" --version | true'):
+        proc = subprocess.run(
+            ["/bin/bash", "-c", shell, "sh", sys.executable, "-m", "decoder"],
+            capture_output=True,
+            check=False,
+        )
+        assert b"Traceback" not in proc.stderr
+
+
+def test_payload_writer_that_never_finishes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from decoder import payload
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    code = (
+        "import decoder.payload as p, decoder.cli as c, sys; p.PAYLOAD_TIMEOUT_SECONDS = 1;"
+        "sys.exit(c.main(['--decryption-keys-path', '/nonexistent']))"
+    )
+    proc = subprocess.run(
+        ["/bin/bash", "-c", f'exec 3<>"{fifo}"; exec "$@"', "sh", sys.executable, "-c", code],
+        capture_output=True,
+        check=False,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert b"did not end within 1 s" in proc.stderr
+    assert payload.PAYLOAD_TIMEOUT_SECONDS == 30.0

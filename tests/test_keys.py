@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -203,3 +204,82 @@ def test_directory_keys_come_before_payload_keys(tmp_path: Path) -> None:
         ("payload key 2", "EC P-256"),
     ]
     assert [c.source for c in ring.certificates] == ["payload certificate 1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("rsa2048-pkcs8-costly-pbkdf2.pem", "3000000 PBKDF2 iterations"),
+        ("ec256-pkcs8-costly-scrypt.pem", "scrypt parameters are too costly"),
+    ],
+)
+def test_costly_password_based_keys_are_not_derived(name: str, reason: str, tmp_path: Path) -> None:
+    (tmp_path / "k.pem").write_bytes((KEYS / name).read_bytes())
+    (tmp_path / "k.pem.password").write_bytes(b"s3cret")
+    ring = load_keyring([str(tmp_path)], {})
+    assert ring.private_keys == [] and reason in ring.skipped[0][1]
+
+
+def test_pem_scan_is_linear(tmp_path: Path) -> None:
+    (tmp_path / "many-begins").write_bytes(b"-----BEGIN A-----\n" * 50_000)
+    (tmp_path / "key.pem").write_bytes((KEYS / "ec256-sec1.pem").read_bytes())
+    ring = load_keyring([str(tmp_path)], {})
+    assert len(ring.private_keys) == 1
+    assert "no complete block" in dict(ring.skipped)[str(tmp_path / "many-begins")]
+
+
+def test_rsa_jwk_without_primes_is_skipped(tmp_path: Path) -> None:
+    import json
+
+    jwk = json.loads((KEYS / "rsa2048.jwk.json").read_text())
+    for name in ("p", "q", "dp", "dq", "qi"):
+        jwk.pop(name)
+    (tmp_path / "k.json").write_text(json.dumps(jwk))
+    ring = load_keyring([str(tmp_path)], {})
+    assert ring.private_keys == [] and "without its primes" in ring.skipped[0][1]
+
+
+def test_bom_before_a_jwk(tmp_path: Path) -> None:
+    (tmp_path / "k.json").write_bytes(b"\xef\xbb\xbf" + (KEYS / "ec256.jwk.json").read_bytes())
+    assert len(load_keyring([str(tmp_path)], {}).private_keys) == 1
+
+
+def test_directory_aliases_are_walked_once(tmp_path: Path) -> None:
+    # 20 levels, each linking twice to the next: 2**20 paths but 20 directories.
+    dirs = [tmp_path / f"d{i}" for i in range(20)]
+    for d in dirs:
+        d.mkdir()
+    for here, there in itertools.pairwise(dirs):
+        (here / "a").symlink_to(there)
+        (here / "b").symlink_to(there)
+    (dirs[-1] / "key.pem").write_bytes((KEYS / "ec256-sec1.pem").read_bytes())
+    ring = load_keyring([str(tmp_path)], {})
+    assert len(ring.private_keys) == 1
+
+
+def test_deep_trees_and_huge_directories_are_bounded(tmp_path: Path) -> None:
+    deep = tmp_path / "deep"
+    path = deep
+    for _ in range(40):
+        path = path / "x"
+    path.mkdir(parents=True)
+    ring = load_keyring([str(deep)], {})
+    assert any("deeper than 16" in reason for _, reason in ring.skipped)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(4100):
+        (wide / f"f{i:05d}").write_bytes(b"")
+    ring = load_keyring([str(wide)], {})
+    assert any("more than 4096 entries" in reason for _, reason in ring.skipped)
+
+
+def test_key_file_named_like_a_password_file(tmp_path: Path) -> None:
+    (tmp_path / "node.password").write_bytes((KEYS / "ec384-sec1.pem").read_bytes())
+    assert len(load_keyring([str(tmp_path)], {}).private_keys) == 1
+
+
+def test_deeply_nested_json_file(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_bytes(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    (tmp_path / "k.pem").write_bytes((KEYS / "ec256-sec1.pem").read_bytes())
+    ring = load_keyring([str(tmp_path)], {})
+    assert len(ring.private_keys) == 1

@@ -139,8 +139,8 @@ def test_digest_mismatch_withholds_tail(tmp_path: Path) -> None:
     wrong = CipherParameters(params.key, params.nonce, params.expected_hmac, "sha256", b"\0" * 32)
     out, error = decrypt_bytes(wrong, ciphertext, tmp_path)
     assert isinstance(error, IntegrityError)
-    assert "does not match the digest" in str(error)
-    assert "sha256:" + hashlib.sha256(plaintext).hexdigest() in str(error)
+    assert "does not match the sha256 digest" in str(error)
+    assert hashlib.sha256(plaintext).hexdigest() not in str(error)
     assert len(out) < len(plaintext) and len(out) % TAR_BLOCK == 1
 
 
@@ -193,10 +193,38 @@ def test_bad_options_are_refused(changes: dict[str, object], message: str) -> No
         cipher_parameters(private, public)
 
 
-def test_public_nonce_wins_over_private() -> None:
+def test_unauthenticated_public_nonce_cannot_override_private() -> None:
     private, public = options()
     public = PublicOptions(public.cipher, public.hmac, {"nonce": b"P" * 16})
-    assert cipher_parameters(private, public).nonce == b"P" * 16
+    with pytest.raises(LayerOptionsError, match="differs from its private one"):
+        cipher_parameters(private, public)
+    same = PublicOptions(public.cipher, public.hmac, dict(private.cipher_options))
+    assert cipher_parameters(private, same).nonce == private.cipher_options["nonce"]
+    private_without = PrivateOptions(private.symkey, private.digest, {})
+    assert cipher_parameters(private_without, public).nonce == b"P" * 16
+
+
+def test_hmac_failure_does_not_reveal_the_computed_mac(tmp_path: Path) -> None:
+    # HMAC(layer key, chosen ciphertext) in an error would let the sender forge the layer.
+    plaintext = os.urandom(5000)
+    params, ciphertext = make(plaintext)
+    tampered = bytes([ciphertext[0] ^ 1]) + ciphertext[1:]
+    computed = hmac.new(params.key, tampered, "sha256").hexdigest()
+    _, error = decrypt_bytes(params, tampered, tmp_path)
+    assert isinstance(error, IntegrityError) and computed not in str(error)
+
+
+def test_appended_bytes_cannot_push_the_real_end_out(tmp_path: Path) -> None:
+    plaintext = os.urandom(300_000)
+    params, ciphertext = make(plaintext)
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.write_bytes(ciphertext + os.urandom(200_000))
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        with pytest.raises(IntegrityError, match="more than the 300000 bytes"):
+            decrypt_stream(params, fin.fileno(), fout.fileno(), expected_size=len(ciphertext))
+    out = dst.read_bytes()
+    assert len(out) <= len(plaintext) - HOLD_BACK
+    assert out == b"" or len(out) % TAR_BLOCK == 1
 
 
 def test_options_json_go_semantics() -> None:

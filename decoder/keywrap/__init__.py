@@ -47,8 +47,9 @@ def wrapped_keys(annotations: dict[str, str]) -> dict[str, str]:
 def decode_blobs(scheme: str, value: str) -> list[bytes]:
     blobs = []
     for index, part in enumerate(value.split(","), start=1):
+        text = part.replace("\r", "").replace("\n", "").strip()  # Go's decoder skips newlines
         try:
-            blobs.append(binascii.a2b_base64(part.strip().encode("ascii"), strict_mode=True))
+            blobs.append(binascii.a2b_base64(text.encode("ascii"), strict_mode=True))
         except (binascii.Error, UnicodeEncodeError) as e:
             raise LayerOptionsError(
                 f"wrapped key {index} in the {KEYS_ANNOTATION_PREFIX}{scheme} annotation "
@@ -89,14 +90,17 @@ def unwrap_private_options(annotations: dict[str, str], ring: KeyRing, layer: st
 
 
 def _no_key_message(layer: str, ring: KeyRing, notes: list[str], wrapped_for: list[str]) -> str:
-    parts = [f"no key opens layer {layer}; it is wrapped for: {', '.join(wrapped_for)}"]
+    # The node's own facts come first; what the (untrusted) layer says comes last, so a
+    # layer with a huge recipient list cannot push them out of a length-capped message.
+    parts = [f"no key opens layer {layer}"]
     if ring.private_keys:
         tried = ", ".join(f"{k.source} ({k.description})" for k in ring.private_keys)
         parts.append(f"keys tried: {tried}")
     else:
         parts.append("no usable private key was found")
-    parts.extend(notes)
     if ring.skipped:
         skipped = ", ".join(f"{source} ({reason})" for source, reason in ring.skipped)
         parts.append(f"skipped: {skipped}")
+    parts.append(f"the layer is wrapped for: {', '.join(wrapped_for)}")
+    parts.extend(notes[:8])
     return "; ".join(parts)

@@ -30,6 +30,8 @@ _CBC_HS = {
 }
 _CURVES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 _MAX_INFLATED = 1 << 20
+MAX_RECIPIENTS = 256
+_DESCRIBED_RECIPIENTS = 8
 
 
 class JWEFormatError(ValueError):
@@ -90,7 +92,7 @@ def parse(blob: bytes) -> JWE:
         )
     try:
         obj = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise JWEFormatError("not valid JSON") from e
     if not isinstance(obj, dict):
         raise JWEFormatError("JSON that is not an object")
@@ -130,7 +132,7 @@ def parse(blob: bytes) -> JWE:
 def _protected(b64: str) -> dict[str, Any]:
     try:
         value = json.loads(_b64url(b64, "protected header"))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise JWEFormatError("protected header is not JSON") from e
     return _header(value, "protected header")
 
@@ -153,7 +155,10 @@ def describe(blobs: list[bytes]) -> str:
                 alg += f" kid {r.header['kid']}"
             names.append(alg)
     count = len(names)
-    return f"JWE ({count} recipient{'s' if count != 1 else ''}: {', '.join(names)})"
+    shown = ", ".join(names[:_DESCRIBED_RECIPIENTS])
+    if count > _DESCRIBED_RECIPIENTS:
+        shown += f" and {count - _DESCRIBED_RECIPIENTS} more"
+    return f"JWE ({count} recipient{'s' if count != 1 else ''}: {shown})"
 
 
 def unwrap(blobs: list[bytes], ring: KeyRing, notes: list[str]) -> bytes | None:
@@ -164,9 +169,17 @@ def unwrap(blobs: list[bytes], ring: KeyRing, notes: list[str]) -> bytes | None:
         except JWEFormatError as e:
             notes.append(f"JWE {index} is malformed: {e}")
             continue
-        for recipient in jwe.recipients:
+        if len(jwe.recipients) > MAX_RECIPIENTS:
+            notes.append(
+                f"JWE {index} has {len(jwe.recipients)} recipients; only the first "
+                f"{MAX_RECIPIENTS} were tried"
+            )
+        for recipient in jwe.recipients[:MAX_RECIPIENTS]:
             alg = recipient.header.get("alg")
             enc = recipient.header.get("enc")
+            if not isinstance(alg, str) or not isinstance(enc, str):
+                notes.append(f"JWE {index}: a recipient's alg or enc is not a string")
+                continue
             if alg not in KEY_ALGORITHMS:
                 notes.append(f"JWE {index}: key algorithm {alg!r} is not one ocicrypt uses")
                 continue
@@ -226,8 +239,11 @@ def _unwrap_cek(alg: str, recipient: Recipient, key: PrivateKey) -> bytes | None
     except (ValueError, JWEFormatError):
         return None
     size = _KW_KEY_BYTES[alg]
-    apu = _b64url(recipient.header.get("apu", ""), "apu")
-    apv = _b64url(recipient.header.get("apv", ""), "apv")
+    try:
+        apu = _b64url(recipient.header.get("apu", ""), "apu")
+        apv = _b64url(recipient.header.get("apv", ""), "apv")
+    except JWEFormatError:
+        return None
     kek = _concat_kdf(shared, alg.encode(), apu, apv, size)
     from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
@@ -248,9 +264,12 @@ def _concat_kdf(shared: bytes, algorithm_id: bytes, apu: bytes, apv: bytes, size
 
 
 def _decrypt_content(jwe: JWE, header: dict[str, Any], enc: str, cek: bytes) -> bytes | None:
-    aad = jwe.protected_b64.encode("ascii")
-    if jwe.aad_b64 is not None:
-        aad += b"." + jwe.aad_b64.encode("ascii")
+    try:
+        aad = jwe.protected_b64.encode("ascii")
+        if jwe.aad_b64 is not None:
+            aad += b"." + jwe.aad_b64.encode("ascii")
+    except UnicodeEncodeError:
+        return None
     if enc in _GCM_KEY_BYTES:
         if len(cek) != _GCM_KEY_BYTES[enc]:
             return None
