@@ -288,3 +288,90 @@ def decrypt_stream(
     warning = decryptor.verify(accept_digest_mismatch)
     write(out_fd, plain_view[:pending])
     return warning
+
+
+# --- encryption (the encoder) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncryptedLayer:
+    """What encrypting one layer produced, besides the ciphertext itself."""
+
+    private_options: bytes  # JSON, to be wrapped for the recipients
+    public_options: bytes  # JSON, for the pubopts annotation (base64)
+    plaintext_digest: str
+    ciphertext_digest: str
+    size: int
+
+
+def options_json(private: PrivateOptions | PublicOptions) -> bytes:
+    """Serialize options as ocicrypt does (Go field order, []byte as padded base64)."""
+    import base64
+    import json
+
+    def b64(value: bytes | None) -> str | None:
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
+    cipher_options = {k: b64(v) for k, v in private.cipher_options.items()}
+    if isinstance(private, PrivateOptions):
+        body: dict[str, Any] = {
+            "symkey": b64(private.symkey),
+            "digest": private.digest,
+            "cipheroptions": cipher_options,
+        }
+    else:
+        body = {
+            "cipher": private.cipher,
+            "hmac": b64(private.hmac),
+            "cipheroptions": cipher_options,
+        }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encrypt_stream(in_fd: int, out_fd: int, expected_digest: str | None = None) -> EncryptedLayer:
+    """Encrypt in_fd to out_fd with a fresh key and nonce, in constant memory.
+
+    The plaintext's sha256 becomes the private options' digest; when `expected_digest` is
+    given (the source descriptor's digest) and differs, IntegrityError is raised after the
+    stream, so a corrupt source blob is never published as a valid layer."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = os.urandom(KEY_BYTES)
+    nonce = os.urandom(NONCE_BYTES)
+    ctr = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+    mac = hmac.new(key, digestmod="sha256")
+    plain_digest = hashlib.sha256()
+    cipher_digest = hashlib.sha256()
+    in_buf = bytearray(CHUNK)
+    in_view = memoryview(in_buf)
+    out_buf = bytearray(CHUNK + 16)
+    out_view = memoryview(out_buf)
+    size = 0
+    while True:
+        try:
+            n = os.readv(in_fd, [in_view])
+        except OSError as e:
+            raise OutputError(f"cannot read the layer: {e.strerror}") from e
+        if n == 0:
+            break
+        plain_digest.update(in_view[:n])
+        ctr.update_into(in_view[:n], out_view)
+        mac.update(out_view[:n])
+        cipher_digest.update(out_view[:n])
+        _write_all(out_fd, out_view[:n])
+        size += n
+    digest = "sha256:" + plain_digest.hexdigest()
+    if expected_digest is not None and expected_digest != digest:
+        raise IntegrityError(
+            f"the source layer's content is {digest}, "
+            f"not the {expected_digest} its descriptor gives"
+        )
+    private = PrivateOptions(key, digest, {"nonce": nonce})
+    public = PublicOptions(CIPHER_AES_256_CTR_HMAC_SHA256, mac.digest(), {})
+    return EncryptedLayer(
+        private_options=options_json(private),
+        public_options=options_json(public),
+        plaintext_digest=digest,
+        ciphertext_digest="sha256:" + cipher_digest.hexdigest(),
+        size=size,
+    )

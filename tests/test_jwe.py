@@ -126,3 +126,62 @@ def test_skopeo_blob_parses(tmp_path: Path) -> None:
     _, descriptor, _ = skopeo_fixture("two-recipients")
     raw = base64.b64decode(descriptor["annotations"]["org.opencontainers.image.enc.keys.jwe"])
     assert jwe.describe([raw]) == "JWE (2 recipients: RSA-OAEP, ECDH-ES+A256KW P-384)"
+
+
+# --- wrapping ---------------------------------------------------------------------------------
+
+
+def public_key(name: str) -> object:
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_public_key((KEYS / name).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("publics", "algs"),
+    [
+        (["rsa2048.pub.pem"], [None]),
+        (["ec256.pub.pem"], [None]),
+        (["ec521.pub.pem"], ["ECDH-ES+A128KW"]),
+        (["rsa4096.pub.pem"], ["RSA-OAEP-256"]),
+        (["rsa2048.pub.pem", "ec384.pub.pem"], [None, None]),
+    ],
+)
+def test_wrap_is_read_by_jwcrypto_and_by_us(publics: list[str], algs: list[str | None]) -> None:
+    from jwcrypto import jwe as jwcrypto_jwe
+    from jwcrypto import jwk
+
+    recipients = [(public_key(p), a) for p, a in zip(publics, algs, strict=True)]
+    blob = jwe.wrap(SECRET, recipients)
+    shape = json.loads(blob)
+    assert ("recipients" in shape) is (len(publics) > 1)
+    privates = {
+        "rsa2048.pub.pem": "rsa2048-pkcs8.pem",
+        "rsa4096.pub.pem": "rsa4096-pkcs8.pem",
+        "ec256.pub.pem": "ec256-pkcs8.pem",
+        "ec384.pub.pem": "ec384-pkcs8.pem",
+        "ec521.pub.pem": "ec521-pkcs8.pem",
+    }
+    for public in publics:
+        private = privates[public]
+        assert jwe.unwrap([blob], ring_of(private), []) == SECRET
+        token = jwcrypto_jwe.JWE()
+        token.allowed_algs = [*jwe.KEY_ALGORITHMS, "A256GCM"]
+        token.deserialize(blob.decode(), key=jwk.JWK.from_pem((KEYS / private).read_bytes()))
+        assert token.payload == SECRET
+
+
+def test_kid_is_the_rfc7638_thumbprint() -> None:
+    from jwcrypto import jwk
+
+    for name in ("rsa2048.pub.pem", "ec384.pub.pem"):
+        key = public_key(name)
+        expected = jwk.JWK.from_pem((KEYS / name).read_bytes()).thumbprint()
+        assert jwe.thumbprint(key) == expected
+        header = json.loads(
+            base64.urlsafe_b64decode(
+                json.loads(jwe.wrap(SECRET, [(key, None)]))["protected"] + "=="
+            )
+        )
+        assert header["kid"] == expected
+        assert "kid " + expected in jwe.describe([jwe.wrap(SECRET, [(key, None)])])

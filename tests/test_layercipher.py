@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -240,3 +241,34 @@ def test_options_json_go_semantics() -> None:
 def test_bad_pubopts_annotation(value: str) -> None:
     with pytest.raises(LayerOptionsError, match="pubopts"):
         parse_public_options({"org.opencontainers.image.enc.pubopts": value})
+
+
+def test_encrypt_stream_round_trips_and_matches_ocicrypt_shapes(tmp_path: Path) -> None:
+    plaintext = os.urandom(2 * (1 << 20) + 99)
+    src, enc = tmp_path / "plain", tmp_path / "enc"
+    src.write_bytes(plaintext)
+    with open(src, "rb") as fin, open(enc, "wb") as fout:
+        result = layercipher.encrypt_stream(fin.fileno(), fout.fileno())
+    ciphertext = enc.read_bytes()
+    assert result.size == len(plaintext) == len(ciphertext)
+    assert result.plaintext_digest == "sha256:" + hashlib.sha256(plaintext).hexdigest()
+    assert result.ciphertext_digest == "sha256:" + hashlib.sha256(ciphertext).hexdigest()
+    private = json.loads(result.private_options)
+    public = json.loads(result.public_options)
+    assert list(private) == ["symkey", "digest", "cipheroptions"]
+    assert list(public) == ["cipher", "hmac", "cipheroptions"] and public["cipheroptions"] == {}
+    pubopts = base64.b64encode(result.public_options).decode()
+    params = cipher_parameters(
+        parse_private_options(result.private_options),
+        parse_public_options({"org.opencontainers.image.enc.pubopts": pubopts}),
+    )
+    out, error = decrypt_bytes(params, ciphertext, tmp_path)
+    assert error is None and out == plaintext
+
+
+def test_encrypt_stream_refuses_a_source_that_does_not_match_its_digest(tmp_path: Path) -> None:
+    src = tmp_path / "plain"
+    src.write_bytes(b"layer")
+    with open(src, "rb") as fin, open(tmp_path / "enc", "wb") as fout:
+        with pytest.raises(IntegrityError, match="not the sha256:00"):
+            layercipher.encrypt_stream(fin.fileno(), fout.fileno(), "sha256:00")

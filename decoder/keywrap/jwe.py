@@ -308,3 +308,109 @@ def _decrypt_content(jwe: JWE, header: dict[str, Any], enc: str, cek: bytes) -> 
     elif "zip" in header:
         return None
     return plaintext
+
+
+# --- wrapping (the encoder) ----------------------------------------------------------------
+
+
+def _b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+_CURVE_NAMES = {v: k for k, v in _CURVES.items()}
+
+
+def public_jwk(public_key: Any) -> dict[str, str]:
+    """The public JWK members of an RSA or EC (P-256/384/521) public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public_key, rsa.RSAPublicKey):
+        numbers = public_key.public_numbers()
+        return {
+            "e": _b64url_encode(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")),
+            "kty": "RSA",
+            "n": _b64url_encode(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
+        }
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        crv = _CURVE_NAMES.get(public_key.curve.name)
+        if crv is None:
+            raise ValueError(f"EC curve {public_key.curve.name} cannot be a JWE recipient")
+        size = (public_key.curve.key_size + 7) // 8
+        ec_numbers = public_key.public_numbers()
+        return {
+            "crv": crv,
+            "kty": "EC",
+            "x": _b64url_encode(ec_numbers.x.to_bytes(size, "big")),
+            "y": _b64url_encode(ec_numbers.y.to_bytes(size, "big")),
+        }
+    raise ValueError(f"{type(public_key).__name__} cannot be a JWE recipient (RSA or EC only)")
+
+
+def thumbprint(public_key: Any) -> str:
+    """The RFC 7638 JWK thumbprint (SHA-256, base64url) of a public key: our recipients' kid."""
+    canonical = json.dumps(public_jwk(public_key), separators=(",", ":"), sort_keys=True)
+    return _b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def default_algorithm(public_key: Any) -> str:
+    """What ocicrypt uses: RSA-OAEP for RSA keys, ECDH-ES+A256KW for EC keys."""
+    return "RSA-OAEP" if public_jwk(public_key)["kty"] == "RSA" else "ECDH-ES+A256KW"
+
+
+def _wrap_cek(cek: bytes, public_key: Any, alg: str) -> tuple[dict[str, Any], bytes]:
+    """(per-recipient header members, encrypted_key) for one recipient."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    if alg.startswith("RSA-OAEP"):
+        digest: hashes.HashAlgorithm = hashes.SHA256() if alg == "RSA-OAEP-256" else hashes.SHA1()  # noqa: S303
+        encrypted = public_key.encrypt(
+            cek, padding.OAEP(mgf=padding.MGF1(digest), algorithm=digest, label=None)
+        )
+        return {"alg": alg}, encrypted
+    if alg not in _KW_KEY_BYTES or not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"key algorithm {alg} does not fit a {public_jwk(public_key)['kty']} key")
+    ephemeral = ec.generate_private_key(public_key.curve)
+    shared = ephemeral.exchange(ec.ECDH(), public_key)
+    kek = _concat_kdf(shared, alg.encode(), b"", b"", _KW_KEY_BYTES[alg])
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    return {"alg": alg, "epk": public_jwk(ephemeral.public_key())}, aes_key_wrap(kek, cek)
+
+
+def wrap(plaintext: bytes, recipients: list[tuple[Any, str | None]]) -> bytes:
+    """Encrypt `plaintext` (private options JSON) as one JWE for all recipients, the way
+    go-jose serializes it for ocicrypt: flattened JSON with every header protected for one
+    recipient, general JSON with per-recipient headers for several; content A256GCM. Each
+    recipient is (public key, key algorithm or None for ocicrypt's default) and gets its
+    RFC 7638 thumbprint as `kid`, which go-jose ignores when decrypting."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    if not recipients:
+        raise ValueError("a JWE needs at least one recipient")
+    cek = AESGCM.generate_key(bit_length=256)
+    iv = os.urandom(12)
+    wrapped = []
+    for public_key, alg in recipients:
+        header, encrypted_key = _wrap_cek(cek, public_key, alg or default_algorithm(public_key))
+        header["kid"] = thumbprint(public_key)
+        wrapped.append((header, encrypted_key))
+    if len(wrapped) == 1:
+        protected = {**wrapped[0][0], "enc": "A256GCM"}
+    else:
+        protected = {"enc": "A256GCM"}
+    protected_b64 = _b64url_encode(json.dumps(protected, separators=(",", ":")).encode())
+    sealed = AESGCM(cek).encrypt(iv, plaintext, protected_b64.encode("ascii"))
+    body: dict[str, Any] = {"protected": protected_b64}
+    if len(wrapped) == 1:
+        body["encrypted_key"] = _b64url_encode(wrapped[0][1])
+    else:
+        body["recipients"] = [
+            {"header": header, "encrypted_key": _b64url_encode(key)} for header, key in wrapped
+        ]
+    body["iv"] = _b64url_encode(iv)
+    body["ciphertext"] = _b64url_encode(sealed[:-16])
+    body["tag"] = _b64url_encode(sealed[-16:])
+    return json.dumps(body, separators=(",", ":")).encode()
