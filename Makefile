@@ -9,11 +9,7 @@ APT_PACKAGES := python3 python3-venv openssl containerd runc skopeo docker-regis
 .PHONY: deps venv lint unit integration test demo package bench clean
 
 deps: venv
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@bash integration/install-deps.sh $(APT_PACKAGES)
 
 venv: $(VENV)/.installed
 

@@ -14,6 +14,7 @@ from decoder import __version__
 
 USAGE = """\
 usage: ctd-decoder [--decryption-keys-path DIR]... [--keyprovider-config FILE]
+                   [--accept-digest-mismatch] [--help] [--version]
 
 Decrypts one ocicrypt-encrypted OCI layer for containerd: ciphertext on stdin, the layer
 descriptor in a payload on fd 3, plaintext on stdout.
@@ -21,7 +22,8 @@ descriptor in a payload on fd 3, plaintext on stdout.
 options:
   --decryption-keys-path DIR  a directory of private keys (walked recursively, symlinks
                               followed; KEY.password beside KEY holds its password)
-  --keyprovider-config FILE   key-provider configuration (as OCICRYPT_KEYPROVIDER_CONFIG)
+  --keyprovider-config FILE   key-provider configuration (as OCICRYPT_KEYPROVIDER_CONFIG);
+                              accepted for compatibility: key providers are not supported yet
   --accept-digest-mismatch    trust the HMAC alone when the plaintext digest differs from the
                               one in the layer's private options (skopeo records the source
                               blob's digest when it recompresses while encrypting)
@@ -98,7 +100,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
         index += 1
         if arg in ("-h", "-help", "--help"):
             return values, "help"
-        if arg in ("-v", "-version", "--version"):
+        if arg in ("-v", "-V", "-version", "--version"):
             return values, "version"
         if not arg.startswith("-") or arg in ("-", "--"):
             raise UsageError(f"unexpected argument {arg!r} (see --help)")

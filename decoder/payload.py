@@ -21,14 +21,11 @@ MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 PAYLOAD_TIMEOUT_SECONDS = 30.0
 
 NO_PAYLOAD_HELP = (
-    "containerd passed no decryption payload on fd 3, so the layer's wrapped keys are unknown; "
-    "containerd passes one when it unpacks through the CRI plugin with "
-    '[plugins."io.containerd.grpc.v1.cri".image_decryption] key_model = "node" '
-    "(containerd 2.1+: also use_local_image_pull = true under "
-    "[plugins.'io.containerd.cri.v1.images'], since its transfer service passes none), "
-    "or through a client that passes payloads (nerdctl, ctr-enc); plain `ctr pull`, "
-    "`ctr images import` and processor ids other than io.containerd.ocicrypt.decoder.v1.tar "
-    "and io.containerd.ocicrypt.decoder.v1.tar.gzip get no payload"
+    "no decryption payload on fd 3, so the layer's wrapped keys are unknown. containerd passes "
+    'one only when CRI pulls with image_decryption key_model = "node" (containerd 2.1+ also '
+    "needs use_local_image_pull = true) or when nerdctl or ctr-enc unpack; plain `ctr` "
+    "pulls and imports, and processor ids other than io.containerd.ocicrypt.decoder.v1.tar "
+    "and ...v1.tar.gzip, pass none (see config/README.md)"
 )
 
 

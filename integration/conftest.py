@@ -137,6 +137,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     stats = harness.REFUSAL_STATS
     if stats.pulls:
         terminalreporter.write_line(
-            f"refused pulls: {stats.pulls}; containerd reported the diffID mismatch instead of "
-            f"the decoder's message (its exit-status race) in {stats.message_lost}"
+            f"refused pulls: {stats.pulls}, each reported with the decoder's own message "
+            f"(lost to containerd's exit-status race: {stats.message_lost})"
         )
