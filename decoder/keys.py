@@ -8,6 +8,8 @@ decryption: it is recorded with the reason and named if no key opens the layer.
 
 A key file NAME may have its password in NAME.password beside it (one trailing newline is
 dropped). Payload keys (`privkeys` with `privkeys-passwords`, `x509s`) follow directory keys.
+For the encoder, the same classification reads `--key` files, and recipients' public keys
+and certificates are loaded here too.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class KeyRing:
     certificates: list[CertificateEntry] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    directories: list[str] = field(default_factory=list)
+    payload_keys: int = 0
 
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append((source, reason))
@@ -81,10 +85,11 @@ class KeyRing:
 
 def load_keyring(directories: list[str], parameters: dict[str, list[bytes | None]]) -> KeyRing:
     """Collect keys from the key directories first, then from the payload parameters."""
-    ring = KeyRing()
+    ring = KeyRing(directories=list(directories))
     for directory in directories:
         _load_directory(directory, ring)
     passwords = parameters.get("privkeys-passwords", [])
+    ring.payload_keys = len(parameters.get("privkeys", []))
     for index, data in enumerate(parameters.get("privkeys", []), start=1):
         source = f"payload key {index}"
         password = passwords[index - 1] if index - 1 < len(passwords) else None
@@ -557,3 +562,122 @@ def private_key_from_jwk(jwk: Any) -> Any:
             return "EC JWK whose public part does not match its private part"
         return key
     return f"JWK of type {kty!r} is not supported (RSA or EC only)"
+
+
+# --- recipients (the encoder) -------------------------------------------------------------
+
+
+def check_recipient_key(key: Any, source: str) -> Any:
+    """Return an RSA or EC (P-256/384/521) public key, or raise KeyLoadError saying why not."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size > MAX_RSA_BITS:
+            raise KeyLoadError(f"{source}: RSA key of {key.key_size} bits (at most {MAX_RSA_BITS})")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _EC_CURVES:
+            raise KeyLoadError(f"{source}: EC key on curve {key.curve.name}, which JWE cannot use")
+        return key
+    name = type(key).__name__.lstrip("_").replace("PublicKey", "")
+    raise KeyLoadError(f"{source}: {name} keys cannot be recipients (RSA or EC only)")
+
+
+def load_public_key(data: bytes, source: str) -> Any:
+    """A recipient's public key from PEM (PUBLIC KEY, RSA PUBLIC KEY, CERTIFICATE), DER
+    (SubjectPublicKeyInfo or certificate) or a public JWK; raise KeyLoadError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    stripped = data.strip()
+    if not stripped:
+        raise KeyLoadError(f"{source} is empty")
+    if b"-----BEGIN " in data:
+        kinds = []
+        for kind, text in _pem_blocks(data):
+            kinds.append(kind)
+            try:
+                if kind in _PUBLIC_PEM_TYPES:
+                    return check_recipient_key(serialization.load_pem_public_key(text), source)
+                if kind == b"CERTIFICATE":
+                    return check_recipient_key(load_certificate(text, source).public_key(), source)
+            except ValueError as e:
+                raise KeyLoadError(f"{source}: malformed {kind.decode()} ({e})") from e
+        if set(kinds) & _PRIVATE_PEM_TYPES:
+            raise KeyLoadError(
+                f"{source} holds a private key; a recipient is given by its public key or "
+                "certificate (openssl pkey -in KEY -pubout)"
+            )
+        raise KeyLoadError(f"{source} holds no public key or certificate in PEM")
+    if stripped.startswith(b"{"):
+        return check_recipient_key(_public_key_from_jwk(stripped, source), source)
+    if data[0] == 0x30:
+        try:
+            return check_recipient_key(serialization.load_der_public_key(data), source)
+        except (ValueError, TypeError):
+            pass
+        try:
+            return check_recipient_key(load_certificate(data, source).public_key(), source)
+        except KeyLoadError:
+            pass
+        try:
+            serialization.load_der_private_key(data, None)
+        except (ValueError, TypeError) as e:
+            raise KeyLoadError(
+                f"{source}: unreadable DER (not a public key or certificate)"
+            ) from e
+        raise KeyLoadError(f"{source} holds a private key; give the public key or certificate")
+    raise KeyLoadError(f"{source} is not a public key, certificate or JWK")
+
+
+def load_certificate(data: bytes, source: str) -> Certificate:
+    """The first x509 certificate in PEM or DER data; raise KeyLoadError otherwise."""
+    from cryptography import x509
+
+    try:
+        if b"-----BEGIN " in data:
+            for kind, text in _pem_blocks(data):
+                if kind == b"CERTIFICATE":
+                    return x509.load_pem_x509_certificate(text)
+            raise KeyLoadError(f"{source} holds no PEM CERTIFICATE block")
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise KeyLoadError(f"{source} is not a readable x509 certificate") from e
+
+
+def _public_key_from_jwk(data: bytes, source: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise KeyLoadError(f"{source} is JSON that is not a JWK") from e
+    if isinstance(obj, dict) and isinstance(obj.get("keys"), list) and len(obj["keys"]) == 1:
+        obj = obj["keys"][0]
+    if not isinstance(obj, dict) or "kty" not in obj:
+        raise KeyLoadError(f"{source} is not a single JWK")
+    if "d" in obj:
+        raise KeyLoadError(f"{source} is a private JWK; give the public JWK")
+    try:
+        if obj["kty"] == "RSA":
+            return rsa.RSAPublicNumbers(_int(obj["e"]), _int(obj["n"])).public_key()
+        if obj["kty"] == "EC":
+            curves = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
+            curve = curves.get(str(obj.get("crv")))
+            if curve is None:
+                raise KeyLoadError(f"{source}: EC JWK on unsupported curve {obj.get('crv')!r}")
+            numbers = ec.EllipticCurvePublicNumbers(_int(obj["x"]), _int(obj["y"]), curve)
+            return numbers.public_key()
+    except (KeyError, ValueError, TypeError) as e:
+        raise KeyLoadError(f"{source} is a malformed JWK") from e
+    raise KeyLoadError(f"{source}: JWK of type {obj['kty']!r} cannot be a recipient (RSA or EC)")
+
+
+def load_key_files(files: list[tuple[str, bytes, bytes | None]]) -> KeyRing:
+    """A KeyRing from (name, content, password) of key files named on a command line, each
+    classified exactly as a file in a key directory is."""
+    ring = KeyRing()
+    for source, data, password in files:
+        _classify(data, password, source, ring)
+    return ring

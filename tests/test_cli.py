@@ -308,7 +308,7 @@ def test_bad_layer_options(kwargs: dict[str, object], message: str, tmp_path: Pa
         ({JWE_ANNOTATION: b64(b"{}")}, "JWE 1 is malformed"),
         (
             {JWE_ANNOTATION: None, "org.opencontainers.image.enc.keys.pkcs7": b64(b"x")},
-            "PKCS7 (not supported by this version)",
+            "PKCS7 (1 recipient: an unreadable PKCS7)",
         ),
         (
             {JWE_ANNOTATION: None, "org.opencontainers.image.enc.keys.provider.kms": b64(b"x")},

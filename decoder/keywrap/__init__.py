@@ -25,11 +25,10 @@ class Scheme(Protocol):
 
 
 # scheme name (annotation suffix) -> module implementing Scheme
-SCHEMES: dict[str, str] = {"jwe": "decoder.keywrap.jwe"}
+SCHEMES: dict[str, str] = {"jwe": "decoder.keywrap.jwe", "pkcs7": "decoder.keywrap.pkcs7"}
 
 # schemes ocicrypt defines that this version recognises but cannot unwrap yet
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "pkcs7": "PKCS7",
     "pgp": "PGP",
     "pkcs11": "PKCS11",
 }
@@ -97,7 +96,13 @@ def _no_key_message(layer: str, ring: KeyRing, notes: list[str], wrapped_for: li
         tried = ", ".join(f"{k.source} ({k.description})" for k in ring.private_keys)
         parts.append(f"keys tried: {tried}")
     else:
-        parts.append("no usable private key was found")
+        searched = (
+            f"key directories {', '.join(ring.directories)}"
+            if ring.directories
+            else "no --decryption-keys-path was given"
+        )
+        payload = f"{ring.payload_keys} payload keys" if ring.payload_keys else "no payload keys"
+        parts.append(f"no usable private key was found ({searched}; {payload})")
     if ring.skipped:
         skipped = ", ".join(f"{source} ({reason})" for source, reason in ring.skipped)
         parts.append(f"skipped: {skipped}")
