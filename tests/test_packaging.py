@@ -338,20 +338,46 @@ def frozen_contents(exe: Path, recursive: bool) -> set[str]:
 
 
 def test_bundle_holds_every_lazy_and_by_name_import(bundle: Bundle) -> None:
-    """Function-level imports and modules importlib loads by name are all frozen in."""
+    """Function-level imports and modules importlib loads by name are all frozen in: each
+    program has its own module archive, every key-wrap scheme is in each, and every module
+    the package imports is in one of them (the encoder's only in ctd-encoder's)."""
     from decoder.keywrap import SCHEMES
 
-    frozen = frozen_contents(bundle.exe, recursive=True)
+    programs = [p for p in bundle.exe.parent.iterdir() if p.is_file() and os.access(p, os.X_OK)]
+    frozen_by_program = {p.name: frozen_contents(p, recursive=True) for p in programs}
+    for program, frozen in frozen_by_program.items():
+        assert set(SCHEMES.values()) <= frozen, f"{program} lacks a key-wrap scheme module"
+    frozen_anywhere = set().union(*frozen_by_program.values())
     wanted = {
         name for name in _imported_modules(ROOT / "decoder")
         if name.split(".")[0] in ("decoder", "cryptography")
-    } | set(SCHEMES.values())
+    }
     # `from pkg import name` adds pkg.name, which is only a module when such a file exists
-    missing = sorted(
-        name for name in wanted - frozen
-        if name in SCHEMES.values() or _is_module(name)
-    )
+    missing = sorted(name for name in wanted - frozen_anywhere if _is_module(name))
     assert not missing, f"modules missing from the bundle: {missing}"
+    if "ctd-encoder" in frozen_by_program:
+        assert {"decoder.encode", "decoder.ocilayout"} <= frozen_by_program["ctd-encoder"]
+        assert "decoder.encode" not in frozen_by_program[NAME], "the decoder never needs it"
+
+
+def test_bundled_encoder_encrypts_for_the_bundled_decoder(bundle: Bundle, tmp_path: Path) -> None:
+    """ctd-encoder from the bundle writes a layer that ctd-decoder from the bundle opens."""
+    from tests.layouts import Reader, random_layers, simple_image
+
+    encoder = bundle.exe.with_name("ctd-encoder")
+    layers = random_layers(1, 100_000)
+    simple_image(tmp_path / "src", layers)
+    result = subprocess.run(
+        [str(encoder), "encrypt", "--recipient", f"jwe:{ASSETS / 'keys' / 'ec256.pub.pem'}",
+         f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    out = Reader(tmp_path / "enc")
+    (layer,) = out.manifest()["layers"]
+    decoded = run_decoder(bundle.exe, out.blob(layer["digest"]), layer, ASSETS / "keys")
+    assert decoded.returncode == 0, decoded.stderr
+    assert decoded.stdout == layers[0].data
 
 
 def test_bundle_skips_the_inspect_runtime_hook(bundle: Bundle) -> None:

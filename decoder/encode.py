@@ -1,0 +1,768 @@
+"""The encoder pipeline, and the only module that knows its order:
+SRC layout -> image tree (indexes, manifests) -> selected platforms and layers -> a plan per
+layer -> layer work (encrypt, add recipients, decrypt) -> new manifests and index -> DST.
+
+Everything that can be refused (recipients, keys, platforms, layer indexes, wrapped keys,
+malformed manifests) is checked while planning, before the first byte is written. Layers
+are encrypted with `layercipher.encrypt_stream`, their private options wrapped per scheme
+(`keywrap.jwe`, `keywrap.pkcs7`); a layer already encrypted keeps its ciphertext and gets the
+new recipients appended, after --key has opened its options. `layerinfo` reads the same tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+
+from decoder import keys, keywrap, layercipher, ocilayout
+from decoder.errors import (
+    DecoderError,
+    IntegrityError,
+    KeyLoadError,
+    LayerOptionsError,
+    LayoutError,
+    NoMatchingKeyError,
+    UsageError,
+)
+from decoder.keywrap import jwe
+from decoder.ocilayout import Layout, Location
+from decoder.spec import (
+    ANNOTATION_PREFIX,
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_TO_OCI,
+    ENCRYPTED_TO_PLAIN,
+    FOREIGN_LAYERS,
+    KEYS_ANNOTATION_PREFIX,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PLAIN_TO_ENCRYPTED,
+    PUBOPTS_ANNOTATION,
+    REF_NAME_ANNOTATION,
+)
+
+MAX_DEPTH = 8
+WRAP_SCHEMES = ("jwe", "pkcs7")
+# recipient prefixes skopeo knows that this version does not wrap for yet
+LATER_SCHEMES = {"pgp": "PGP", "pkcs11": "PKCS#11", "provider": "key-provider"}
+_RECIPIENT_FORMS = "jwe:PUBLIC-KEY-FILE or pkcs7:CERTIFICATE-FILE"
+
+
+class Reporter(Protocol):
+    """What the pipeline tells the person running it."""
+
+    def start(self, label: str, total: int) -> Callable[[int], None] | None:
+        """Begin a long step over `total` bytes; return a callback for the bytes done."""
+
+    def finish(self) -> None:
+        """The long step is over."""
+
+    def say(self, text: str) -> None:
+        """A line of the result (stdout)."""
+
+    def warn(self, text: str) -> None:
+        """A warning (stderr)."""
+
+
+# --- recipients, keys and platforms ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Someone to wrap the layer key for: a scheme and a public key (jwe) or certificate."""
+
+    scheme: str
+    source: str
+    key: Any
+    description: str
+
+
+def _read_small_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(keys.MAX_KEY_FILE_BYTES + 1)
+    except OSError as e:
+        raise KeyLoadError(f"{what} {path} cannot be read: {e.strerror}") from e
+    if len(data) > keys.MAX_KEY_FILE_BYTES:
+        raise KeyLoadError(f"{what} {path} is larger than 1 MiB, too large to be a key")
+    return data
+
+
+def parse_recipient(spec: str) -> Recipient:
+    """Read `jwe:FILE` (RSA/EC public key as PEM, DER or JWK, or a certificate) or
+    `pkcs7:CERT` (an x509 certificate with an RSA key)."""
+    scheme, colon, path = spec.partition(":")
+    if not colon or not scheme:
+        raise UsageError(f"recipient {spec!r} names no scheme: use {_RECIPIENT_FORMS}")
+    if scheme in LATER_SCHEMES:
+        raise UsageError(
+            f"{LATER_SCHEMES[scheme]} recipients ({scheme}:) are not supported by this version; "
+            f"use {_RECIPIENT_FORMS}"
+        )
+    if scheme not in WRAP_SCHEMES:
+        raise UsageError(
+            f"unknown recipient type {scheme + ':'!r} in {spec!r}: use {_RECIPIENT_FORMS}"
+        )
+    if not path:
+        raise UsageError(f"recipient {spec!r} names no file")
+    data = _read_small_file(path, "recipient key")
+    if scheme == "jwe":
+        key = keys.load_public_key(data, path)
+        kind = jwe.public_jwk(key)
+        name = f"RSA {key.key_size}" if kind["kty"] == "RSA" else f"EC {kind['crv']}"
+        return Recipient(scheme, path, key, f"{name} kid {jwe.thumbprint(key)}")
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    certificate = keys.load_certificate(data, path)
+    if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
+        raise KeyLoadError(f"{path}: a pkcs7 recipient's certificate must hold an RSA key")
+    subject = certificate.subject.rfc4514_string() or "(empty subject)"
+    return Recipient(scheme, path, certificate, f"{subject} serial {certificate.serial_number}")
+
+
+def _pkcs7() -> ModuleType:
+    try:
+        return importlib.import_module("decoder.keywrap.pkcs7")
+    except ModuleNotFoundError as e:
+        if e.name != "decoder.keywrap.pkcs7":
+            raise
+        raise UsageError("pkcs7 recipients need decoder.keywrap.pkcs7, missing here") from e
+
+
+def wrap_annotations(private_options: bytes, recipients: list[Recipient]) -> dict[str, str]:
+    """One wrapped blob per scheme for all of its recipients, as keys annotations."""
+    annotations = {}
+    for scheme in WRAP_SCHEMES:
+        group = [r for r in recipients if r.scheme == scheme]
+        if not group:
+            continue
+        if scheme == "jwe":
+            blob = jwe.wrap(private_options, [(r.key, None) for r in group])
+        else:
+            blob = _pkcs7().wrap(private_options, [r.key for r in group])
+        annotations[KEYS_ANNOTATION_PREFIX + scheme] = base64.b64encode(blob).decode("ascii")
+    return annotations
+
+
+def parse_key_argument(text: str) -> tuple[str, bytes | None]:
+    """KEY[:PASSWORD], where PASSWORD may also be pass=TEXT, file=PATH or fd=N (as ocicrypt's
+    command lines take it). A KEY path that exists as written is taken whole."""
+    import os
+
+    if os.path.exists(text) or ":" not in text:
+        return text, None
+    path, _, secret = text.partition(":")
+    if secret.startswith("pass="):
+        return path, secret[len("pass=") :].encode()
+    if secret.startswith("file="):
+        data = _read_small_file(secret[len("file=") :], "password file")
+        return path, data[:-1] if data.endswith(b"\n") else data
+    if secret.startswith("fd="):
+        try:
+            return path, os.read(int(secret[len("fd=") :]), 64).rstrip(b"\n")
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
+    return path, secret.encode()
+
+
+def load_keys(arguments: list[str]) -> keys.KeyRing:
+    """The --key files: each must hold a usable private key or certificate."""
+    files = []
+    for argument in arguments:
+        path, password = parse_key_argument(argument)
+        files.append((path, _read_small_file(path, "key file"), password))
+    ring = keys.load_key_files(files)
+    if ring.skipped:
+        source, reason = ring.skipped[0]
+        raise KeyLoadError(f"--key {source}: {reason}")
+    return ring
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    def matches(self, other: Platform | None) -> bool:
+        return (
+            other is not None
+            and (self.os, self.architecture) == (other.os, other.architecture)
+            and (self.variant is None or self.variant == other.variant)
+        )
+
+
+_ARCHITECTURE_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
+
+
+def parse_platform(text: str) -> Platform:
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError(f"platform {text!r} is not OS/ARCH[/VARIANT] (for example linux/amd64)")
+    architecture = _ARCHITECTURE_ALIASES.get(parts[1], parts[1])
+    return Platform(parts[0], architecture, parts[2] if len(parts) == 3 else None)
+
+
+def _platform_of(value: Any) -> Platform | None:
+    if not isinstance(value, dict):
+        return None
+    os_name, architecture = value.get("os"), value.get("architecture")
+    if not isinstance(os_name, str) or not isinstance(architecture, str):
+        return None
+    variant = value.get("variant")
+    return Platform(os_name, architecture, variant if isinstance(variant, str) else None)
+
+
+# --- the image tree -------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one layer of one manifest."""
+
+    index: int
+    descriptor: dict[str, Any]
+    action: str = "keep"  # keep | encrypt | add | decrypt
+    reason: str = ""
+    private_options: bytes = b""  # opened while planning (add, decrypt)
+
+
+@dataclass
+class Node:
+    """An index, a manifest, or another blob an index refers to, as read from SRC."""
+
+    descriptor: dict[str, Any]
+    kind: str  # index | manifest | other
+    raw: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)
+    platform: Platform | None = None
+    children: list[Node] = field(default_factory=list)
+    layers: list[LayerPlan] = field(default_factory=list)
+    selected: bool = True
+
+    @property
+    def label(self) -> str:
+        return str(self.platform) if self.platform else "the image"
+
+    def manifests(self) -> Iterator[Node]:
+        if self.kind == "manifest":
+            yield self
+        for child in self.children:
+            yield from child.manifests()
+
+
+def _kind(descriptor: dict[str, Any], body: Any) -> str:
+    media_type = descriptor.get("mediaType") or (body or {}).get("mediaType")
+    if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
+        return "index"
+    if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
+        return "manifest"
+    if isinstance(body, dict) and isinstance(body.get("manifests"), list):
+        return "index"
+    if isinstance(body, dict) and isinstance(body.get("layers"), list):
+        return "manifest"
+    return "other"
+
+
+def load_tree(layout: Layout, descriptor: dict[str, Any], depth: int = 0) -> Node:
+    """Read an image from SRC: indexes and manifests (digest-verified), not the layers."""
+    if depth > MAX_DEPTH:
+        raise LayoutError(f"{layout.where}: indexes nested more than {MAX_DEPTH} deep")
+    media_type = descriptor.get("mediaType")
+    if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
+                                         DOCKER_MANIFEST):
+        ocilayout.check_descriptor(descriptor, "a descriptor")
+        return Node(descriptor, "other")
+    raw, body = layout.read_json_blob(descriptor, "a manifest or index")
+    kind = _kind(descriptor, body)
+    node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
+    if kind == "index":
+        for child in body["manifests"]:
+            if not isinstance(child, dict):
+                raise LayoutError(f"index {descriptor['digest']} lists a non-object")
+            node.children.append(load_tree(layout, child, depth + 1))
+    elif kind == "manifest":
+        config = body.get("config")
+        ocilayout.check_descriptor(config, f"the config of manifest {descriptor['digest']}")
+        for i, layer in enumerate(body["layers"]):
+            ocilayout.check_descriptor(layer, f"layer {i} of manifest {descriptor['digest']}")
+            node.layers.append(LayerPlan(i, layer))
+        node.platform = _platform_of(descriptor.get("platform"))
+        if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):
+            _, config_body = layout.read_json_blob(config, "an image config")
+            node.platform = _platform_of(config_body)
+    return node
+
+
+def select(root: Node, platforms: list[Platform], layers: list[int], source: Location) -> None:
+    """Mark the manifests the --platform options pick and check every --layer index."""
+    manifests = list(root.manifests())
+    if not manifests:
+        raise LayoutError(f"{source} holds no image manifest")
+    if platforms:
+        for manifest in manifests:
+            manifest.selected = any(p.matches(manifest.platform) for p in platforms)
+        for platform in platforms:
+            if not any(platform.matches(m.platform) for m in manifests):
+                have = ", ".join(sorted({m.label for m in manifests}))
+                raise UsageError(f"platform {platform} is not in {source} (it has {have})")
+    for manifest in manifests:
+        count = len(manifest.layers)
+        for index in layers:
+            if manifest.selected and not -count <= index < count:
+                raise UsageError(
+                    f"layer index {index} is out of range: {manifest.label} in {source} has "
+                    f"{count} layer{'s' if count != 1 else ''} "
+                    f"(0 to {count - 1}, or -1 to -{count})"
+                )
+
+
+def _layer_label(node: Node, plan: LayerPlan) -> str:
+    return f"layer {plan.index} of {node.label} ({plan.descriptor['digest']})"
+
+
+def _open_options(plan: LayerPlan, label: str, ring: keys.KeyRing) -> bytes:
+    """Unwrap and check a layer's private options with the --key ring."""
+    annotations = plan.descriptor.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise LayoutError(f"{label} has annotations that are not an object")
+    public = layercipher.parse_public_options(annotations)
+    # the unwrap error reads "no key opens layer <label>"
+    private_json = keywrap.unwrap_private_options(annotations, ring, label.removeprefix("layer "))
+    private = layercipher.parse_private_options(private_json)
+    params = layercipher.cipher_parameters(private, public)
+    if params.digest_algorithm not in ("sha256", "sha512"):
+        raise LayerOptionsError(f"{label}: plaintext digest {private.digest} is not sha256")
+    return private_json
+
+
+@dataclass(frozen=True)
+class Request:
+    """An encrypt or decrypt run, as the command line gives it."""
+
+    command: str  # encrypt | decrypt
+    source: Location
+    destination: Location
+    recipients: tuple[Recipient, ...] = ()
+    ring: keys.KeyRing = field(default_factory=keys.KeyRing)
+    layers: tuple[int, ...] = ()
+    platforms: tuple[Platform, ...] = ()
+    accept_digest_mismatch: bool = False
+
+
+def plan(request: Request, root: Node) -> int:
+    """Decide every selected layer's action; unwrap what must be opened. Returns how many
+    layers change."""
+    opened: dict[str, bytes] = {}
+    changes = 0
+    for node in root.manifests():
+        if not node.selected:
+            continue
+        count = len(node.layers)
+        wanted = {i % count for i in request.layers} if request.layers else set(range(count))
+        for layer in node.layers:
+            if layer.index not in wanted:
+                continue
+            media_type = layer.descriptor.get("mediaType")
+            label = _layer_label(node, layer)
+            encrypted = media_type in ENCRYPTED_TO_PLAIN
+            if request.command == "decrypt":
+                layer.action = "decrypt" if encrypted else "keep"
+                layer.reason = "" if encrypted else "not encrypted"
+            elif encrypted:
+                layer.action = "add"
+            elif media_type in PLAIN_TO_ENCRYPTED:
+                layer.action = "encrypt"
+                if not str(layer.descriptor["digest"]).startswith("sha256:"):
+                    raise LayoutError(f"{label}: only layers with sha256 digests can be encrypted")
+            else:
+                layer.reason = "foreign layer" if media_type in FOREIGN_LAYERS else (
+                    f"media type {media_type} is not a tar, tar+gzip or tar+zstd layer")
+            if layer.action in ("add", "decrypt"):
+                digest = str(layer.descriptor["digest"])
+                if digest not in opened:
+                    opened[digest] = _open_with_context(request, layer, label)
+                layer.private_options = opened[digest]
+            changes += layer.action != "keep"
+    return changes
+
+
+def _open_with_context(request: Request, layer: LayerPlan, label: str) -> bytes:
+    if request.command == "encrypt" and not request.ring.private_keys:
+        raise NoMatchingKeyError(
+            f"{label} is already encrypted: adding recipients keeps its ciphertext and needs "
+            "--key with a private key that opens it"
+        )
+    if request.command == "decrypt" and not request.ring.private_keys:
+        raise NoMatchingKeyError(f"{label} is encrypted and no --key was given to open it")
+    try:
+        return _open_options(layer, label, request.ring)
+    except NoMatchingKeyError as e:
+        if request.command == "encrypt":
+            raise NoMatchingKeyError(f"cannot add recipients to an encrypted layer: {e}") from e
+        raise
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _without_encryption_annotations(descriptor: dict[str, Any]) -> dict[str, Any]:
+    """A copy for a new blob: no encryption annotations and no embedded `data` (OCI 1.1)."""
+    result = {k: v for k, v in descriptor.items() if k != "data"}
+    annotations = {
+        k: v for k, v in (descriptor.get("annotations") or {}).items()
+        if not k.startswith(ANNOTATION_PREFIX)
+    }
+    result.pop("annotations", None)
+    if annotations:
+        result["annotations"] = annotations
+    return result
+
+
+class Writer:
+    """Writes the new image into DST, reusing the work for a layer shared by manifests."""
+
+    def __init__(
+        self, request: Request, layout: Layout, destination: ocilayout.Destination,
+        reporter: Reporter,
+    ) -> None:
+        self.request = request
+        self.layout = layout
+        self.destination = destination
+        self.reporter = reporter
+        self.done: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def node(self, node: Node) -> dict[str, Any]:
+        """Write a node and everything below it; return its (possibly new) descriptor."""
+        if node.kind == "other":
+            self.destination.copy_blob(self.layout, node.descriptor, "a blob")
+            return node.descriptor
+        if node.kind == "index":
+            children = [self.node(child) for child in node.children]
+            if children == [child.descriptor for child in node.children]:
+                return self._unchanged(node)
+            body = dict(node.body)
+            if body.get("mediaType") == DOCKER_MANIFEST_LIST:
+                body["mediaType"] = OCI_INDEX
+            body["manifests"] = children
+            return self._rewritten(node, body, OCI_INDEX)
+        self.destination.copy_blob(self.layout, node.body["config"], "an image config")
+        layers = [self.layer(node, plan) for plan in node.layers]
+        if all(plan.action == "keep" for plan in node.layers):
+            return self._unchanged(node)
+        body = dict(node.body)
+        if node.descriptor.get("mediaType") == DOCKER_MANIFEST or body.get("mediaType") == (
+            DOCKER_MANIFEST
+        ):
+            layers = [_docker_to_oci(layer) for layer in layers]
+            body["config"] = _docker_to_oci(body["config"])
+        body["mediaType"] = OCI_MANIFEST
+        body["layers"] = layers
+        return self._rewritten(node, body, OCI_MANIFEST)
+
+    def _unchanged(self, node: Node) -> dict[str, Any]:
+        if not self.destination.has_blob(str(node.descriptor["digest"])):
+            with self.destination.blob_sink() as sink:
+                layercipher.write_all(sink.fd, memoryview(node.raw), "the destination")
+                sink.commit(str(node.descriptor["digest"]), len(node.raw))
+        return node.descriptor
+
+    def _rewritten(self, node: Node, body: dict[str, Any], media_type: str) -> dict[str, Any]:
+        data = ocilayout.json_bytes(body)
+        descriptor = dict(node.descriptor)
+        descriptor.update(
+            mediaType=media_type, digest=self.destination.put_bytes(data), size=len(data)
+        )
+        return descriptor
+
+    def layer(self, node: Node, plan: LayerPlan) -> dict[str, Any]:
+        # one piece of work per distinct descriptor, when manifests share a layer
+        key = (ocilayout.json_bytes(plan.descriptor).decode(), plan.action)
+        if key not in self.done:
+            if plan.action == "keep":
+                self.destination.copy_blob(self.layout, plan.descriptor, "a layer")
+                self.done[key] = plan.descriptor
+            else:
+                self.done[key] = getattr(self, f"_{plan.action}")(node, plan)
+        return self.done[key]
+
+    def _progress(self, verb: str, node: Node, plan: LayerPlan) -> Callable[[int], None] | None:
+        size = int(plan.descriptor["size"])
+        return self.reporter.start(f"{verb} layer {plan.index} of {node.label}", size)
+
+    def _encrypt(self, node: Node, plan: LayerPlan) -> dict[str, Any]:
+        digest = str(plan.descriptor["digest"])
+        with self.layout.open_blob(plan.descriptor, "a layer") as blob, \
+                self.destination.blob_sink() as sink:
+            try:
+                encrypted = layercipher.encrypt_stream(
+                    blob.fd, sink.fd, digest, blob.size, self._progress("encrypting", node, plan)
+                )
+            finally:
+                self.reporter.finish()
+            sink.commit(encrypted.ciphertext_digest, encrypted.size)
+        recipients = list(self.request.recipients)
+        descriptor = _without_encryption_annotations(plan.descriptor)
+        annotations = dict(descriptor.get("annotations") or {})
+        annotations.update(wrap_annotations(encrypted.private_options, recipients))
+        annotations[PUBOPTS_ANNOTATION] = base64.b64encode(encrypted.public_options).decode()
+        descriptor.update(
+            mediaType=PLAIN_TO_ENCRYPTED[str(plan.descriptor["mediaType"])],
+            digest=encrypted.ciphertext_digest,
+            size=encrypted.size,
+            annotations=annotations,
+        )
+        self.reporter.say(
+            f"{node.label} layer {plan.index}: {digest} encrypted as "
+            f"{encrypted.ciphertext_digest} for {_recipient_summary(recipients)}"
+        )
+        return descriptor
+
+    def _add(self, node: Node, plan: LayerPlan) -> dict[str, Any]:
+        self.destination.copy_blob(self.layout, plan.descriptor, "a layer",
+                                   self._progress("copying", node, plan))
+        self.reporter.finish()
+        descriptor = dict(plan.descriptor)
+        annotations = dict(descriptor.get("annotations") or {})
+        recipients = list(self.request.recipients)
+        for name, value in wrap_annotations(plan.private_options, recipients).items():
+            annotations[name] = f"{annotations[name]},{value}" if annotations.get(name) else value
+        descriptor["annotations"] = annotations
+        self.reporter.say(
+            f"{node.label} layer {plan.index}: {plan.descriptor['digest']} already encrypted; "
+            f"added {_recipient_summary(recipients)} (same ciphertext)"
+        )
+        return descriptor
+
+    def _decrypt(self, node: Node, plan: LayerPlan) -> dict[str, Any]:
+        label = _layer_label(node, plan)
+        annotations = plan.descriptor.get("annotations") or {}
+        params = layercipher.cipher_parameters(
+            layercipher.parse_private_options(plan.private_options),
+            layercipher.parse_public_options(annotations),
+        )
+        with self.layout.open_blob(plan.descriptor, "a layer") as blob, \
+                self.destination.blob_sink() as sink:
+            try:
+                decryptor = _decrypt_blob(params, blob, sink.fd,
+                                          self._progress("decrypting", node, plan))
+            finally:
+                self.reporter.finish()
+            try:
+                warning = decryptor.verify(accept_digest_mismatch=True)
+            except IntegrityError as e:
+                raise IntegrityError(
+                    f"{label} failed its HMAC check: the ciphertext was altered or is not "
+                    "the one its options were made for; nothing was written"
+                ) from e
+            if warning is not None:
+                if not self.request.accept_digest_mismatch:
+                    raise IntegrityError(
+                        f"{label} decrypts to content that does not match the digest in its "
+                        "private options, though its HMAC verified: skopeo records the source "
+                        "blob's digest when it recompresses a layer while encrypting. Add "
+                        "--accept-digest-mismatch to keep the layer under its real digest; "
+                        "nothing was written"
+                    )
+                self.reporter.warn(
+                    f"{label}: decrypted content does not match the digest in its private "
+                    f"options; kept as {decryptor.plaintext_digest} (--accept-digest-mismatch)"
+                )
+            plaintext_digest = decryptor.plaintext_digest
+            sink.commit(plaintext_digest, blob.size)
+        descriptor = _without_encryption_annotations(plan.descriptor)
+        descriptor.update(
+            mediaType=ENCRYPTED_TO_PLAIN[str(plan.descriptor["mediaType"])],
+            digest=plaintext_digest,
+            size=blob.size,
+        )
+        self.reporter.say(
+            f"{node.label} layer {plan.index}: {plan.descriptor['digest']} decrypted to "
+            f"{plaintext_digest}"
+        )
+        return descriptor
+
+
+def _decrypt_blob(
+    params: layercipher.CipherParameters, blob: ocilayout.Blob, out_fd: int,
+    progress: Callable[[int], None] | None,
+) -> layercipher.LayerDecryptor:
+    """Decrypt a whole blob to out_fd, checking the ciphertext against its digest; the caller
+    verifies HMAC and plaintext digest before committing what was written."""
+    decryptor = layercipher.LayerDecryptor(params)
+    algorithm = blob.digest.partition(":")[0]
+    ciphertext_digest = hashlib.new(algorithm)
+    in_view = memoryview(bytearray(layercipher.CHUNK))
+    out_view = memoryview(bytearray(layercipher.CHUNK + 16))
+    while n := layercipher.read_chunk(blob.fd, in_view, blob.size - decryptor.bytes_processed):
+        ciphertext_digest.update(in_view[:n])
+        decryptor.update_into(in_view[:n], out_view)
+        layercipher.write_all(out_fd, out_view[:n], "the decrypted layer")
+        if progress is not None:
+            progress(decryptor.bytes_processed)
+    if decryptor.bytes_processed != blob.size:
+        raise LayoutError(f"layer {blob.digest} ended early, after {decryptor.bytes_processed} "
+                          f"of its {blob.size} bytes")
+    if f"{algorithm}:{ciphertext_digest.hexdigest()}" != blob.digest:
+        raise LayoutError(f"layer {blob.digest} is corrupt: its content has another digest")
+    return decryptor
+
+
+def _docker_to_oci(descriptor: dict[str, Any]) -> dict[str, Any]:
+    media_type = descriptor.get("mediaType")
+    if media_type not in DOCKER_TO_OCI:
+        return descriptor
+    return {**descriptor, "mediaType": DOCKER_TO_OCI[str(media_type)]}
+
+
+def _recipient_summary(recipients: list[Recipient]) -> str:
+    return ", ".join(f"{r.scheme}:{r.source}" for r in recipients)
+
+
+def _same_place(a: Location, b: Location) -> bool:
+    import os
+
+    return a.transport == b.transport and os.path.realpath(a.path) == os.path.realpath(b.path)
+
+
+def run(request: Request, reporter: Reporter) -> str:
+    """Encrypt or decrypt SRC into DST; return the new image's digest."""
+    layout = Layout(request.source)
+    entry = layout.find_image(request.source.ref)
+    root = load_tree(layout, entry)
+    select(root, list(request.platforms), list(request.layers), request.source)
+    if not plan(request, root):
+        kept = {p.reason for m in root.manifests() for p in m.layers if m.selected and p.reason}
+        what = "encrypted" if request.command == "decrypt" else "a layer that can be encrypted"
+        raise UsageError(
+            f"nothing to {request.command}: no selected layer of {request.source} is {what}"
+            + (f" ({'; '.join(sorted(kept))})" if kept else "") + "; nothing was written"
+        )
+    ref = request.destination.ref or ocilayout.ref_name(entry)
+    if _same_place(request.source, request.destination) and ref == ocilayout.ref_name(entry):
+        raise UsageError(
+            f"{request.destination} would replace the source image; give DST another REF"
+        )
+    destination = ocilayout.open_destination(request.destination)
+    try:
+        new_entry = Writer(request, layout, destination, reporter).node(root)
+        if ref is not None:
+            new_entry["annotations"] = {**(new_entry.get("annotations") or {}),
+                                        REF_NAME_ANNOTATION: ref}
+        destination.commit(ocilayout.merged_index(destination.existing_index, new_entry))
+    except BaseException:
+        destination.abort()
+        raise
+    where = Location(request.destination.transport, request.destination.path, ref)
+    reporter.say(f"wrote {where} ({new_entry['digest']})")
+    return str(new_entry["digest"])
+
+
+# --- layerinfo ------------------------------------------------------------------------------
+
+
+def _recipients(annotations: dict[str, str], kids: dict[str, str]) -> list[dict[str, Any]]:
+    """Who each keys annotation names, as far as its scheme says."""
+    found: list[dict[str, Any]] = []
+    for scheme, value in keywrap.wrapped_keys(annotations).items():
+        try:
+            blobs = keywrap.decode_blobs(scheme, value)
+        except DecoderError as e:
+            found.append({"scheme": scheme, "description": str(e)})
+            continue
+        if scheme == "jwe":
+            for blob in blobs:
+                try:
+                    parsed = jwe.parse(blob)
+                except jwe.JWEFormatError:
+                    found.append({"scheme": scheme, "description": "an unreadable JWE"})
+                    continue
+                for recipient in parsed.recipients:
+                    found.append(_jwe_recipient(recipient.header, kids))
+        elif scheme in keywrap.SCHEMES:
+            module: keywrap.Scheme = importlib.import_module(keywrap.SCHEMES[scheme])
+            found.append({"scheme": scheme, "description": module.describe(blobs)})
+        elif scheme in keywrap.NOT_YET_SUPPORTED:
+            found.append({"scheme": scheme, "description": f"{len(blobs)} wrapped key(s) "
+                          "(this version cannot read whom for)"})
+        else:
+            found.append({"scheme": scheme, "description": f"{len(blobs)} wrapped key(s)"})
+    return found
+
+
+def _jwe_recipient(header: dict[str, Any], kids: dict[str, str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"scheme": "jwe", "alg": str(header.get("alg", "?"))}
+    epk = header.get("epk")
+    if isinstance(epk, dict) and "crv" in epk:
+        entry["curve"] = str(epk["crv"])
+    kid = header.get("kid")
+    if isinstance(kid, str):
+        entry["kid"] = kid
+        if kid in kids:
+            entry["key"] = kids[kid]
+    parts = [entry["alg"], entry.get("curve", ""), f"kid {kid}" if "kid" in entry else "",
+             f"({entry['key']})" if "key" in entry else "" if "kid" in entry else "(no kid)"]
+    entry["description"] = " ".join(p for p in parts if p)
+    return entry
+
+
+def layer_info(
+    source: Location, ring: keys.KeyRing, platforms: list[Platform]
+) -> dict[str, Any]:
+    """Per platform and layer: digest, size, media type, schemes, recipients and, with
+    keys, which of them open it (the wrapped options are unwrapped, the layer is not read)."""
+    layout = Layout(source)
+    entry = layout.find_image(source.ref)
+    root = load_tree(layout, entry)
+    select(root, platforms, [], source)
+    kids = {jwe.thumbprint(k.key.public_key()): k.source for k in ring.private_keys}
+    manifests = []
+    for node in root.manifests():
+        if not node.selected:
+            continue
+        layers = []
+        for plan_ in node.layers:
+            descriptor = plan_.descriptor
+            annotations = descriptor.get("annotations") or {}
+            annotations = annotations if isinstance(annotations, dict) else {}
+            media_type = str(descriptor.get("mediaType"))
+            info: dict[str, Any] = {
+                "index": plan_.index,
+                "digest": descriptor["digest"],
+                "size": descriptor["size"],
+                "mediaType": media_type,
+                "encrypted": media_type in ENCRYPTED_TO_PLAIN,
+                "schemes": list(keywrap.wrapped_keys(annotations)),
+                "recipients": _recipients(annotations, kids),
+            }
+            if ring.private_keys and info["encrypted"]:
+                info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
+            layers.append(info)
+        manifests.append({
+            "platform": str(node.platform) if node.platform else None,
+            "manifest": node.descriptor["digest"],
+            "layers": layers,
+        })
+    return {"image": str(source), "digest": entry["digest"], "manifests": manifests}
+
+
+def _opened_by(plan_: LayerPlan, label: str, ring: keys.KeyRing) -> list[str]:
+    opened = []
+    for key in ring.private_keys:
+        alone = keys.KeyRing(private_keys=[key], certificates=ring.certificates)
+        try:
+            _open_options(plan_, label, alone)
+        except DecoderError:
+            continue
+        opened.append(key.source)
+    return opened

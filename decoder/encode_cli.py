@@ -1,0 +1,231 @@
+"""ctd-encoder's command line: encrypt, decrypt and inspect OCI images (layouts and archives).
+
+Parses the arguments, loads recipients and --key files, runs `encode` and prints: result
+lines on stdout, a progress line on stderr while a long layer streams (only when stderr is a
+terminal), warnings and errors on stderr. Any DecoderError (argument errors included) is one
+line `ctd-encoder: <message>` and exit status 1. Set CTD_ENCODER_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TextIO
+
+from decoder import __version__
+from decoder.cli import one_line
+from decoder.errors import DecoderError, UsageError
+
+PROGRAM = "ctd-encoder"
+_MIB = 1024 * 1024
+
+DESCRIPTION = """\
+Encrypt, decrypt and inspect OCI images with ocicrypt's layer encryption, as skopeo,
+containerd's imgcrypt (ctr-enc, ctd-decoder) and nerdctl read and write it.
+
+images:  oci:DIR[:REF]          an OCI image layout (REF: the image's ref name in index.json;
+                                without it, the layout's only image)
+         oci-archive:FILE[:REF] the same as a tar file
+"""
+
+RECIPIENT_HELP = (
+    "who can decrypt: jwe:FILE (RSA or EC public key as PEM, DER or JWK, or an x509 "
+    "certificate) or pkcs7:CERT (x509 certificate with an RSA key); repeatable"
+)
+KEY_HELP = (
+    "a private key (PEM, DER or JWK; certificates for pkcs7 too), with an optional password "
+    "as :PASSWORD, :pass=PASSWORD, :file=PASSWORD-FILE or :fd=N; repeatable"
+)
+LAYER_HELP = "a layer index, negative counting from the top (-1 is the topmost); default all"
+PLATFORM_HELP = "only the manifests of this platform (OS/ARCH[/VARIANT]) change; repeatable"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROGRAM, description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+
+    encrypt = commands.add_parser(
+        "encrypt", help="encrypt layers for recipients (or add recipients to encrypted ones)",
+        description="Encrypt the layers of SRC for the recipients and write the image to DST. "
+        "A layer that is already encrypted keeps its ciphertext and gets the new recipients "
+        "added; that needs a --key that opens it.",
+    )
+    encrypt.add_argument("--recipient", action="append", required=True, metavar="SPEC",
+                         help=RECIPIENT_HELP)
+    _common(encrypt)
+
+    decrypt = commands.add_parser(
+        "decrypt", help="decrypt layers back to their plain media types",
+        description="Decrypt the encrypted layers of SRC with the keys and write the image to "
+        "DST; each layer is checked against the digest in its private options.",
+    )
+    _common(decrypt, key_required=True)
+    decrypt.add_argument(
+        "--accept-digest-mismatch", action="store_true",
+        help="keep a layer whose HMAC verified but whose content differs from the digest in "
+        "its private options (skopeo records the source blob's digest when it recompresses)",
+    )
+
+    info = commands.add_parser(
+        "layerinfo", help="list layers, their encryption and recipients",
+        description="For each platform and layer: index, digest, size, media type, key-wrap "
+        "schemes and recipients; with --key, which of the keys open each layer.",
+    )
+    info.add_argument("source", metavar="SRC")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--key", action="append", default=[], metavar="KEY[:PASSWORD]",
+                      help=KEY_HELP)
+    info.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
+                      help="only these platforms")
+    return parser
+
+
+def _common(sub: argparse.ArgumentParser, key_required: bool = False) -> None:
+    sub.add_argument("--key", action="append", default=[], required=key_required,
+                     metavar="KEY[:PASSWORD]", help=KEY_HELP)
+    sub.add_argument("--layer", action="append", default=[], type=int, metavar="N",
+                     help=LAYER_HELP)
+    sub.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
+                     help=PLATFORM_HELP)
+    sub.add_argument("source", metavar="SRC")
+    sub.add_argument("destination", metavar="DST")
+
+
+class TerminalReporter:
+    """Result lines on stdout; a one-line progress display on stderr when it is a terminal,
+    drawn only once a layer has taken more than half a second."""
+
+    DELAY = 0.5
+    INTERVAL = 0.1
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out = out
+        self.err = err
+        self.tty = err.isatty()
+        self.drawn = False
+
+    def start(self, label: str, total: int) -> Callable[[int], None] | None:
+        if not self.tty:
+            return None
+        began = time.monotonic()
+        shown = [0.0]
+
+        def update(done: int) -> None:
+            now = time.monotonic()
+            if now - began < self.DELAY or (now - shown[0] < self.INTERVAL and done < total):
+                return
+            shown[0] = now
+            percent = 100 * done // total if total else 100
+            rate = done / _MIB / max(now - began, 1e-6)
+            self.err.write(f"\r{label}: {percent:3d}% of {total / _MIB:.0f} MiB, "
+                           f"{rate:.0f} MiB/s\x1b[K")
+            self.err.flush()
+            self.drawn = True
+
+        return update
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self.drawn = False
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def warn(self, text: str) -> None:
+        self.err.write(f"{PROGRAM}: warning: {one_line(text)}\n")
+        self.err.flush()
+
+
+def format_layer_info(info: dict[str, Any]) -> str:
+    """The layerinfo table as text."""
+    lines = [f"{info['image']} ({info['digest']})"]
+    for manifest in info["manifests"]:
+        lines.append(f"platform {manifest['platform'] or 'unknown'}, manifest "
+                     f"{manifest['manifest']}")
+        lines.append("   #  DIGEST" + " " * 66 + "SIZE        MEDIA TYPE")
+        for layer in manifest["layers"]:
+            lines.append(f"  {layer['index']:2d}  {layer['digest']:<72}{_size(layer['size']):>10}"
+                         f"  {layer['mediaType']}")
+            if not layer["encrypted"]:
+                lines.append("      not encrypted")
+                continue
+            for recipient in layer["recipients"]:
+                lines.append(f"      {recipient['scheme']}: {recipient['description']}")
+            if "openedBy" in layer:
+                opened = ", ".join(layer["openedBy"]) or "none of the given keys"
+                lines.append(f"      opened by: {opened}")
+    return "\n".join(lines)
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def run(argv: list[str], reporter: TerminalReporter) -> int:
+    from decoder import encode, ocilayout
+
+    args = build_parser().parse_args(argv)
+    ring = encode.load_keys(args.key)
+    platforms = tuple(encode.parse_platform(p) for p in args.platform)
+    if args.command == "layerinfo":
+        info = encode.layer_info(ocilayout.parse_location(args.source), ring, list(platforms))
+        reporter.say(json.dumps(info, indent=2) if args.json else format_layer_info(info))
+        return 0
+    source = ocilayout.parse_location(args.source)
+    destination = ocilayout.parse_location(args.destination)
+    recipients = tuple(encode.parse_recipient(r) for r in getattr(args, "recipient", None) or [])
+    request = encode.Request(
+        command=args.command,
+        source=source,
+        destination=destination,
+        recipients=recipients,
+        ring=ring,
+        layers=tuple(args.layer),
+        platforms=platforms,
+        accept_digest_mismatch=getattr(args, "accept_digest_mismatch", False),
+    )
+    encode.run(request, reporter)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ctd-encoder console script."""
+    reporter = TerminalReporter(sys.stdout, sys.stderr)
+    try:
+        return run(sys.argv[1:] if argv is None else argv, reporter)
+    except DecoderError as e:
+        reporter.finish()
+        if os.environ.get("CTD_ENCODER_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"{PROGRAM}: {one_line(str(e))}\n")
+        return 1
+    except KeyboardInterrupt:
+        reporter.finish()
+        sys.stderr.write(f"{PROGRAM}: interrupted; nothing was written\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
