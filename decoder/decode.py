@@ -4,7 +4,7 @@ payload (fd 3) -> media-type gate -> public options -> keys -> unwrap -> layer c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from decoder import keywrap, layercipher
 from decoder.errors import LayerOptionsError
@@ -13,11 +13,10 @@ from decoder.payload import parse_payload, read_payload_fd
 from decoder.spec import ENCRYPTED_TO_PLAIN
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """What the command line says."""
 
-    key_directories: list[str] = field(default_factory=list)
+    key_directories: list[str]
     keyprovider_config: str | None = None
     accept_digest_mismatch: bool = False
 
@@ -43,6 +42,7 @@ def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
     private_json = keywrap.unwrap_private_options(descriptor.annotations, ring, layer)
     private = layercipher.parse_private_options(private_json)
     params = layercipher.cipher_parameters(private, public)
+    layercipher.widen_pipe(out_fd)
     warning = layercipher.decrypt_stream(
         params, in_fd, out_fd, descriptor.size, options.accept_digest_mismatch
     )

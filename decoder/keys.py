@@ -19,8 +19,7 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from decoder.errors import KeyLoadError
 
@@ -51,8 +50,7 @@ _IGNORED_PEM_TYPES = {b"EC PARAMETERS"}
 _EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
-@dataclass(frozen=True)
-class PrivateKey:
+class PrivateKey(NamedTuple):
     """A usable private key and where it came from."""
 
     source: str
@@ -60,24 +58,28 @@ class PrivateKey:
     description: str
 
 
-@dataclass(frozen=True)
-class CertificateEntry:
+class CertificateEntry(NamedTuple):
     """An x509 certificate (used by PKCS7 unwrapping) and where it came from."""
 
     source: str
     certificate: Certificate
 
 
-@dataclass
 class KeyRing:
     """Everything the key sources yielded, in the order keys are tried."""
 
-    private_keys: list[PrivateKey] = field(default_factory=list)
-    certificates: list[CertificateEntry] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    directories: list[str] = field(default_factory=list)
-    payload_keys: int = 0
+    def __init__(
+        self,
+        private_keys: list[PrivateKey] | None = None,
+        certificates: list[CertificateEntry] | None = None,
+        directories: list[str] | None = None,
+    ) -> None:
+        self.private_keys: list[PrivateKey] = private_keys or []
+        self.certificates: list[CertificateEntry] = certificates or []
+        self.skipped: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+        self.directories: list[str] = directories or []
+        self.payload_keys = 0
 
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append((source, reason))
@@ -106,8 +108,7 @@ def load_keyring(directories: list[str], parameters: dict[str, list[bytes | None
 # --- key directories --------------------------------------------------------------------
 
 
-@dataclass
-class _Found:
+class _Found(NamedTuple):
     display: str
     real: str
 
@@ -143,12 +144,14 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
             ring.skipped[-1] = (item.display, "password file with no key file beside it")
 
 
-@dataclass
 class _Frame:
-    display: str
-    ancestors: tuple[str, ...]
-    names: list[str]
-    index: int = 0
+    __slots__ = ("ancestors", "display", "index", "names")
+
+    def __init__(self, display: str, ancestors: tuple[str, ...], names: list[str]) -> None:
+        self.display = display
+        self.ancestors = ancestors
+        self.names = names
+        self.index = 0
 
 
 def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]:
@@ -198,7 +201,7 @@ def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]
             if previous is None:
                 found[real] = _Found(display, real)
             elif _is_hidden(previous.display) and not _is_hidden(display):
-                previous.display = display
+                found[real] = _Found(display, real)
         else:
             ring.skip(display, "not a regular file")
     return found
@@ -267,8 +270,22 @@ def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -
         ring.skip(source, "not a private key, certificate or JWK")
 
 
+def _private_key_loaders() -> Any:
+    """cryptography's private-key loaders. `serialization.load_*_private_key` are these very
+    functions of its Rust bindings; importing them from there skips the `serialization`
+    package, whose SSH support costs ~5 ms of every decoder start."""
+    try:
+        from cryptography.hazmat.bindings._rust import openssl
+
+        return openssl.keys
+    except (ImportError, AttributeError):
+        from cryptography.hazmat.primitives import serialization
+
+        return serialization
+
+
 def _classify_pem(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
-    from cryptography.hazmat.primitives import serialization
+    serialization = _private_key_loaders()
 
     blocks = _pem_blocks(data)
     if not blocks:
@@ -402,7 +419,7 @@ def _kdf_too_costly(der: bytes) -> str | None:
 
 
 def _classify_der(data: bytes, password: bytes | None, source: str, ring: KeyRing) -> None:
-    from cryptography.hazmat.primitives import serialization
+    serialization = _private_key_loaders()
 
     if password is not None:
         too_costly = _kdf_too_costly(data)

@@ -19,8 +19,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from decoder import gojson
 from decoder.errors import IntegrityError, LayerOptionsError, OutputError
@@ -35,8 +34,7 @@ TAR_BLOCK = 512
 _DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
 
-@dataclass(frozen=True)
-class PrivateOptions:
+class PrivateOptions(NamedTuple):
     """The wrapped half: the layer key, the plaintext digest, private cipher options."""
 
     symkey: bytes
@@ -44,8 +42,7 @@ class PrivateOptions:
     cipher_options: dict[str, bytes | None]
 
 
-@dataclass(frozen=True)
-class PublicOptions:
+class PublicOptions(NamedTuple):
     """The pubopts annotation: cipher name, HMAC of the ciphertext, public cipher options."""
 
     cipher: str
@@ -111,8 +108,7 @@ def check_public_options(public: PublicOptions) -> bytes:
     return public.hmac
 
 
-@dataclass(frozen=True)
-class CipherParameters:
+class CipherParameters(NamedTuple):
     """Everything needed to decrypt and verify one layer."""
 
     key: bytes
@@ -189,32 +185,40 @@ class LayerDecryptor:
     def verify(self, accept_digest_mismatch: bool = False) -> str | None:
         """Raise IntegrityError unless the HMAC and the plaintext digest both match. With
         accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning."""
-        # Neither the computed HMAC nor the digests are shown: the HMAC of chosen ciphertext
-        # under the layer key would let its sender forge a layer, and the plaintext digest is
-        # part of the wrapped, confidential options.
-        mac = self._mac.digest()
-        if not hmac.compare_digest(mac, self._params.expected_hmac):
-            raise IntegrityError(
-                "the layer failed its HMAC check (tampered, truncated or not this layer's "
-                f"ciphertext; expected HMAC {self._params.expected_hmac.hex()}); "
-                "the end of the plaintext was withheld"
-            )
-        digest = self._digest.digest()
-        if hmac.compare_digest(digest, self._params.expected_digest):
-            return None
-        mismatch = (
-            f"the decrypted layer does not match the {self._params.digest_algorithm} digest "
-            "recorded in its private options"
+        return verify(
+            self._params, self._mac.digest(), self._digest.digest(), accept_digest_mismatch
         )
-        if accept_digest_mismatch:
-            return f"{mismatch}; accepted because the HMAC verified (--accept-digest-mismatch)"
+
+
+def verify(
+    params: CipherParameters, mac: bytes, digest: bytes, accept_digest_mismatch: bool = False
+) -> str | None:
+    """Check a computed HMAC and plaintext digest against the layer's: raise IntegrityError,
+    or return a warning when a digest mismatch after a good HMAC is accepted."""
+    # Neither the computed HMAC nor the digests are shown: the HMAC of chosen ciphertext
+    # under the layer key would let its sender forge a layer, and the plaintext digest is
+    # part of the wrapped, confidential options.
+    if not hmac.compare_digest(mac, params.expected_hmac):
         raise IntegrityError(
-            f"{mismatch}; the end of the plaintext was withheld. The HMAC verified, so the "
-            "ciphertext is what its producer encrypted: skopeo records the source blob's digest "
-            "when it recompresses a layer while encrypting (uncompressed or docker-archive "
-            "sources, --dest-compress-format). Re-encrypt without recompressing, or start "
-            "ctd-decoder with --accept-digest-mismatch to trust the HMAC alone"
+            "the layer failed its HMAC check (tampered, truncated or not this layer's "
+            f"ciphertext; expected HMAC {params.expected_hmac.hex()}); "
+            "the end of the plaintext was withheld"
         )
+    if hmac.compare_digest(digest, params.expected_digest):
+        return None
+    mismatch = (
+        f"the decrypted layer does not match the {params.digest_algorithm} digest "
+        "recorded in its private options"
+    )
+    if accept_digest_mismatch:
+        return f"{mismatch}; accepted because the HMAC verified (--accept-digest-mismatch)"
+    raise IntegrityError(
+        f"{mismatch}; the end of the plaintext was withheld. The HMAC verified, so the "
+        "ciphertext is what its producer encrypted: skopeo records the source blob's digest "
+        "when it recompresses a layer while encrypting (uncompressed or docker-archive "
+        "sources, --dest-compress-format). Re-encrypt without recompressing, or start "
+        "ctd-decoder with --accept-digest-mismatch to trust the HMAC alone"
+    )
 
 
 def write_all(fd: int, data: memoryview, what: str = "the plaintext") -> None:
@@ -241,6 +245,82 @@ def _release_point(emitted: int, decrypted: int, expected_size: int | None = Non
     return max(emitted, limit - (limit - 1) % TAR_BLOCK)
 
 
+class _HashWorker:
+    """Feeds chunks, in order, to a hash object on a thread of its own: hashlib releases the
+    GIL while it hashes a large buffer, so the HMAC of the ciphertext, the digest of the
+    plaintext and the decryption run on separate cores."""
+
+    def __init__(self, hasher: Any) -> None:
+        import threading
+        from _queue import SimpleQueue  # queue.SimpleQueue, without queue's other imports
+
+        self._hasher = hasher
+        self._todo: SimpleQueue[memoryview | None] = SimpleQueue()
+        self._done: SimpleQueue[int] = SimpleQueue()
+        self._error: BaseException | None = None
+        self.completed = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (chunk := self._todo.get()) is not None:
+                self._hasher.update(chunk)
+                self._done.put(1)
+        except BaseException as e:  # re-raised by the caller's thread in finish()
+            self._error = e
+            self._done.put(1 << 62)
+
+    def submit(self, chunk: memoryview) -> None:
+        self._todo.put(chunk)
+
+    def wait_for(self, count: int) -> None:
+        """Block until the first `count` submitted chunks are hashed (their buffers are free)."""
+        while self.completed < count:
+            self.completed += self._done.get()
+
+    def finish(self) -> Any:
+        """Stop the thread and return the hash object with every submitted chunk in it."""
+        self._todo.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hasher
+
+
+RING = 4  # chunk buffers in flight between the reader, the hash threads and the writer
+PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
+
+
+def widen_pipe(fd: int) -> None:
+    """Grow a pipe's buffer from 64 KiB to PIPE_BYTES, so a 1 MiB chunk goes out in one
+    wake-up of the reader rather than sixteen; a no-op for files, and when not allowed."""
+    import fcntl
+
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if get_size is None or set_size is None or fd < 0:
+        return
+    try:
+        if fcntl.fcntl(fd, get_size) < PIPE_BYTES:
+            fcntl.fcntl(fd, set_size, PIPE_BYTES)
+    except OSError:  # not a pipe (EBADF, EINVAL), or over the user's pipe quota (EPERM)
+        pass
+
+
+def _read_full(fd: int, view: memoryview) -> int:
+    filled = 0
+    while filled < len(view):
+        try:
+            n = os.readv(fd, [view[filled:]])
+        except OSError as e:
+            raise OutputError(f"cannot read the ciphertext from stdin: {e.strerror}") from e
+        if n == 0:
+            break
+        filled += n
+    return filled
+
+
 def decrypt_stream(
     params: CipherParameters,
     in_fd: int,
@@ -249,57 +329,74 @@ def decrypt_stream(
     accept_digest_mismatch: bool = False,
     write: Callable[[int, memoryview], None] = write_all,
 ) -> str | None:
-    """Decrypt in_fd to out_fd in constant memory; return a warning, if any."""
-    decryptor = LayerDecryptor(params)
-    cipher_buf = bytearray(CHUNK)
-    cipher_view = memoryview(cipher_buf)
-    plain_buf = bytearray(HOLD_BACK + TAR_BLOCK + CHUNK + 16)
-    plain_view = memoryview(plain_buf)
-    pending = 0  # plaintext bytes at plain_buf[:pending] not yet written
-    emitted = 0
-    while True:
-        filled = 0
-        while filled < CHUNK:
-            try:
-                n = os.readv(in_fd, [cipher_view[filled:]])
-            except OSError as e:
-                raise OutputError(f"cannot read the ciphertext from stdin: {e.strerror}") from e
-            if n == 0:
+    """Decrypt in_fd to out_fd in constant memory (RING chunks); return a warning, if any."""
+    from collections import deque
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
+    mac = _HashWorker(hmac.new(params.key, digestmod="sha256"))
+    digest = _HashWorker(hashlib.new(params.digest_algorithm))
+    cipher_views: list[memoryview] = []  # grown to RING slots only as the layer needs them
+    plain_views: list[memoryview] = []
+    pending: deque[memoryview] = deque()  # decrypted, not yet written, in order
+    decrypted = emitted = chunks = 0
+    try:
+        while True:
+            slot = chunks % RING
+            # The slot's previous chunk must be hashed both ways; it is written already,
+            # since at most HOLD_BACK + TAR_BLOCK < CHUNK bytes are ever held back.
+            mac.wait_for(chunks - RING + 1)
+            digest.wait_for(chunks - RING + 1)
+            if slot == len(cipher_views):
+                cipher_views.append(memoryview(bytearray(CHUNK)))
+                plain_views.append(memoryview(bytearray(CHUNK + 16)))
+            filled = _read_full(in_fd, cipher_views[slot])
+            if filled == 0:
                 break
-            filled += n
-        if filled == 0:
-            break
-        if expected_size is not None and decryptor.bytes_processed + filled > expected_size:
-            raise IntegrityError(
-                f"stdin carries more than the {expected_size} bytes the layer's descriptor "
-                "gives; the end of the plaintext was withheld"
-            )
-        decryptor.update_into(cipher_view[:filled], plain_view[pending:])
-        pending += filled
-        release = _release_point(emitted, decryptor.bytes_processed, expected_size) - emitted
-        if release > 0:
-            write(out_fd, plain_view[:release])
+            if expected_size is not None and decrypted + filled > expected_size:
+                raise IntegrityError(
+                    f"stdin carries more than the {expected_size} bytes the layer's descriptor "
+                    "gives; the end of the plaintext was withheld"
+                )
+            ciphertext = cipher_views[slot][:filled]
+            mac.submit(ciphertext)
+            plaintext = plain_views[slot][: ctr.update_into(ciphertext, plain_views[slot])]
+            digest.submit(plaintext)
+            pending.append(plaintext)
+            decrypted += filled
+            chunks += 1
+            release = _release_point(emitted, decrypted, expected_size) - emitted
             emitted += release
-            pending -= release
-            plain_buf[:pending] = plain_buf[release : release + pending]
-        if filled < CHUNK:
-            break
-    total = decryptor.bytes_processed
-    if expected_size is not None and expected_size != total:
+            while release > 0:
+                head = pending[0]
+                take = min(release, len(head))
+                write(out_fd, head[:take])
+                release -= take
+                if take == len(head):
+                    pending.popleft()
+                else:
+                    pending[0] = head[take:]
+            if filled < CHUNK:
+                break
+    finally:
+        mac_hash = mac.finish()
+        digest_hash = digest.finish()
+    if expected_size is not None and expected_size != decrypted:
         raise IntegrityError(
-            f"stdin ended after {total} bytes but the layer's descriptor gives {expected_size}; "
-            "the end of the plaintext was withheld"
+            f"stdin ended after {decrypted} bytes but the layer's descriptor gives "
+            f"{expected_size}; the end of the plaintext was withheld"
         )
-    warning = decryptor.verify(accept_digest_mismatch)
-    write(out_fd, plain_view[:pending])
+    warning = verify(params, mac_hash.digest(), digest_hash.digest(), accept_digest_mismatch)
+    for rest in pending:
+        write(out_fd, rest)
     return warning
 
 
 # --- encryption (the encoder) ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EncryptedLayer:
+class EncryptedLayer(NamedTuple):
     """What encrypting one layer produced, besides the ciphertext itself."""
 
     private_options: bytes  # JSON, to be wrapped for the recipients

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from decoder import gojson
 from decoder.errors import PayloadError
@@ -29,18 +29,16 @@ NO_PAYLOAD_HELP = (
 )
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """The OCI descriptor of the layer being decrypted."""
 
     media_type: str
     digest: str
     size: int | None
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str]
 
 
-@dataclass(frozen=True)
-class Payload:
+class Payload(NamedTuple):
     """imgcrypt's Payload: decryption parameters from the client, and the layer descriptor."""
 
     parameters: dict[str, list[bytes | None]]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from decoder import keys
 from decoder.errors import KeyLoadError
 from decoder.keys import load_keyring
 from tests.support import KEYS
@@ -283,3 +284,11 @@ def test_deeply_nested_json_file(tmp_path: Path) -> None:
     (tmp_path / "k.pem").write_bytes((KEYS / "ec256-sec1.pem").read_bytes())
     ring = load_keyring([str(tmp_path)], {})
     assert len(ring.private_keys) == 1
+
+
+def test_private_key_loaders_are_cryptographys_public_ones() -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    loaders = keys._private_key_loaders()
+    assert loaders.load_pem_private_key is serialization.load_pem_private_key
+    assert loaders.load_der_private_key is serialization.load_der_private_key

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from decoder import layercipher
-from decoder.errors import IntegrityError, LayerOptionsError
+from decoder.errors import IntegrityError, LayerOptionsError, OutputError
 from decoder.layercipher import (
     HOLD_BACK,
     TAR_BLOCK,
@@ -92,6 +92,7 @@ def make(plaintext: bytes, nonce: bytes | None = None) -> tuple[CipherParameters
         1 << 20,
         (1 << 20) + 1,
         3 * (1 << 20) + 12345,
+        (layercipher.RING + 2) * layercipher.CHUNK + 12345,  # every ring slot reused
     ],
 )
 def test_round_trip_sizes(size: int, tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_counter_carries_across_64_bit_halves(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flip_middle", "flip_last", "truncate", "append"])
 def test_tampered_ciphertext_never_yields_a_complete_layer(damage: str, tmp_path: Path) -> None:
-    plaintext = os.urandom(3 * (1 << 20) + 777)
+    plaintext = os.urandom((layercipher.RING + 2) * layercipher.CHUNK + 777)
     params, ciphertext = make(plaintext)
     data = bytearray(ciphertext)
     if damage == "flip_middle":
@@ -151,6 +152,43 @@ def test_small_tampered_layer_writes_nothing(tmp_path: Path) -> None:
     assert isinstance(error, IntegrityError) and out == b""
 
 
+def test_failed_write_stops_the_hash_threads(tmp_path: Path) -> None:
+    import threading
+
+    plaintext = os.urandom(3 * layercipher.CHUNK)
+    params, ciphertext = make(plaintext)
+    src = tmp_path / "in"
+    src.write_bytes(ciphertext)
+    threads_before = threading.active_count()
+    writes = []
+
+    def failing_write(fd: int, data: memoryview) -> None:
+        writes.append(len(data))
+        raise OutputError("the reader went away")
+
+    with open(src, "rb") as fin, pytest.raises(OutputError, match="reader went away"):
+        decrypt_stream(params, fin.fileno(), -1, write=failing_write)
+    assert len(writes) == 1
+    assert threading.active_count() == threads_before
+
+
+def test_widen_pipe_grows_pipes_and_leaves_files_alone(tmp_path: Path) -> None:
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    try:
+        before = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        layercipher.widen_pipe(write_end)
+        after = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    assert after == layercipher.PIPE_BYTES or (after == before and limit < layercipher.PIPE_BYTES)
+    with open(tmp_path / "file", "wb") as regular:
+        layercipher.widen_pipe(regular.fileno())  # not a pipe: silently nothing
+
+
 def test_release_point_is_block_plus_one() -> None:
     for emitted, decrypted in [(0, HOLD_BACK + 5000), (1, HOLD_BACK + 9999), (513, 10 * HOLD_BACK)]:
         point = layercipher._release_point(emitted, decrypted)
@@ -165,9 +203,9 @@ def options(**changes: object) -> tuple[PrivateOptions, PublicOptions]:
     for name, value in changes.items():
         target, field = name.split("_", 1)
         if target == "priv":
-            private = PrivateOptions(**{**private.__dict__, field: value})
+            private = private._replace(**{field: value})
         else:
-            public = PublicOptions(**{**public.__dict__, field: value})
+            public = public._replace(**{field: value})
     return private, public
 
 

@@ -14,8 +14,7 @@ import hashlib
 import hmac
 import json
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from decoder.keys import KeyRing, PrivateKey
 
@@ -38,14 +37,12 @@ class JWEFormatError(ValueError):
     """The blob is not a JWE this module can read."""
 
 
-@dataclass(frozen=True)
-class Recipient:
+class Recipient(NamedTuple):
     header: dict[str, Any]
     encrypted_key: bytes
 
 
-@dataclass(frozen=True)
-class JWE:
+class JWE(NamedTuple):
     protected_b64: str
     recipients: list[Recipient]
     iv: bytes
