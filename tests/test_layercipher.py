@@ -92,7 +92,7 @@ def make(plaintext: bytes, nonce: bytes | None = None) -> tuple[CipherParameters
         1 << 20,
         (1 << 20) + 1,
         3 * (1 << 20) + 12345,
-        (layercipher.RING + 2) * layercipher.CHUNK + 12345,  # every ring slot reused
+        (layercipher.RING + 2) * layercipher.RING_CHUNK + 12345,  # every ring slot reused
     ],
 )
 def test_round_trip_sizes(size: int, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_counter_carries_across_64_bit_halves(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flip_middle", "flip_last", "truncate", "append"])
 def test_tampered_ciphertext_never_yields_a_complete_layer(damage: str, tmp_path: Path) -> None:
-    plaintext = os.urandom((layercipher.RING + 2) * layercipher.CHUNK + 777)
+    plaintext = os.urandom((layercipher.RING + 2) * layercipher.RING_CHUNK + 777)
     params, ciphertext = make(plaintext)
     data = bytearray(ciphertext)
     if damage == "flip_middle":
@@ -155,7 +155,7 @@ def test_small_tampered_layer_writes_nothing(tmp_path: Path) -> None:
 def test_failed_write_stops_the_hash_threads(tmp_path: Path) -> None:
     import threading
 
-    plaintext = os.urandom(3 * layercipher.CHUNK)
+    plaintext = os.urandom(3 * layercipher.RING_CHUNK)
     params, ciphertext = make(plaintext)
     src = tmp_path / "in"
     src.write_bytes(ciphertext)
