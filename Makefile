@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv openssl containerd runc skopeo docker-registry umoci \
-	busybox-static ca-certificates
+	busybox-static ca-certificates time
 
 .PHONY: deps venv lint unit integration test demo package bench clean
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check decoder tests integration
+	$(VENV)/bin/ruff check decoder tests integration bench
 	$(VENV)/bin/mypy
 
 unit: deps
@@ -39,6 +39,12 @@ demo: deps
 
 package: venv
 	bash packaging/build.sh
+
+# Benchmarks (not part of `make test`): regenerates docs/performance.md and docs/throughput.png.
+# `make bench BENCH_ARGS=--quick` for a short development run; `python -m bench --help`.
+bench: deps
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist $(VENV) *.egg-info

@@ -1,0 +1,87 @@
+"""The benchmark suite's measuring core (`bench/`): a wrong or failed run never scores, the
+payload reaches fd 3, order rotates, ratios pair runs of the same round."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench import measure, suites
+from bench.measure import Sample, WrongOutput
+
+
+def test_spawn_feeds_stdin_and_fd3_and_hashes_stdout(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.write_bytes(b"layer bytes" * 1000)
+    script = "import os,sys; sys.stdout.buffer.write(sys.stdin.buffer.read() + os.read(3, 100))"
+    run = measure.spawn([sys.executable, "-c", script], stdin=source, payload=b"<payload>")
+    expected = source.read_bytes() + b"<payload>"
+    sample = measure.expect_output(run, "sha256:" + hashlib.sha256(expected).hexdigest(),
+                                   len(expected))
+    assert sample.wall > 0 and sample.cpu is not None and sample.cpu > 0
+    assert sample.maxrss is not None and sample.maxrss > 1024 * 1024
+
+
+def test_a_run_with_other_output_or_a_failure_does_not_score(tmp_path: Path) -> None:
+    wrong = measure.spawn([sys.executable, "-c", "print('garbage')"])
+    with pytest.raises(WrongOutput, match="wrote 8 bytes"):
+        measure.expect_output(wrong, "sha256:" + hashlib.sha256(b"expected\n").hexdigest())
+    failed = measure.spawn([sys.executable, "-c", "import sys; sys.exit('no key')"])
+    with pytest.raises(WrongOutput, match="exit status 1; stderr: no key"):
+        measure.expect_success(failed)
+
+
+def test_alternate_rotates_and_stops_at_the_first_wrong_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(measure.SETTLE, "patience", 0)  # no waiting for a quiet machine
+    calls: list[str] = []
+
+    def variant(name: str, fail_at: int | None = None) -> Callable[[], Sample]:
+        def run() -> Sample:
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise WrongOutput(f"{name} printed garbage")
+            return Sample(wall=float(len(calls)))
+        return run
+
+    good = measure.alternate("c", {"a": variant("a"), "b": variant("b")}, warmup=1, runs=3)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert good.ok and len(good.samples["a"]) == 3
+    # a sample's wall is the call's position: counted rounds are calls 3-8
+    assert [s.wall for s in good.samples["a"]] == [4.0, 5.0, 8.0]
+    assert good.ratios("a", "b") == [4.0 / 3.0, 5.0 / 6.0, 8.0 / 7.0]
+    calls.clear()
+    bad = measure.alternate("c", {"a": variant("a"), "b": variant("b", fail_at=2)},
+                            warmup=1, runs=3)
+    assert not bad.ok and bad.error is not None and "b printed garbage" in bad.error
+
+
+def test_ratios_pair_runs_of_the_same_round() -> None:
+    c = measure.Comparison("c", ["ours", "ref"], {
+        "ours": [Sample(1.0), Sample(4.0), Sample(2.0)],
+        "ref": [Sample(2.0), Sample(2.0), Sample(8.0)],
+    })
+    assert c.ratios("ours", "ref") == [0.5, 2.0, 0.25]
+    assert c.ratio("ours", "ref").median == 0.5
+    assert c.wall("ours") == measure.Stats(2.0, 1.0, 4.0)
+
+
+def test_parse_importtime_sums_self_times_and_ranks_top_level_imports() -> None:
+    stderr = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |   _codecs",
+        "import time:       200 |        300 | codecs",
+        "import time:        50 |         50 |     cryptography.x",
+        "import time:       400 |        450 |   cryptography",
+        "import time:        10 |        460 | decoder.decode",
+        "ctd-decoder: not an import line",
+    ])
+    total, top, packages = suites.parse_importtime(stderr)
+    assert total == 760
+    assert top == {"codecs": 300, "decoder.decode": 460}
+    assert packages == {"_codecs": 100, "codecs": 200, "cryptography": 450, "decoder": 10}
