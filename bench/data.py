@@ -108,6 +108,11 @@ class BenchImage:
         return str(self.plain_layers[RANDOM_LAYER]["digest"])
 
     @property
+    def plaintext(self) -> Path:
+        """The plain layer's blob: what a decoder must write, byte for byte."""
+        return blob_path(self.plain, self.plaintext_digest)
+
+    @property
     def plaintext_size(self) -> int:
         return int(self.plain_layers[RANDOM_LAYER]["size"])
 

@@ -3,13 +3,15 @@
 `spawn` starts a program with posix_spawn (no shell, no wrapper process in the measurement),
 stdin from a file, an optional stream-processor payload on fd 3 through a pipe (as containerd
 hands it), stdout either into a pipe that a reader thread drains, or into a file. The reader is
-the same for every program: it reads the pipe into one reused 1 MiB buffer and feeds it to
-SHA-256 as it goes (hashlib releases the GIL on large updates). That costs about half a CPU
-second per GB on whichever core is free, the same for every program, and much less than what
-containerd does with the stream (gunzip, diffID hash, tar extraction). Spilling into a tmpfs
-file and hashing afterwards was tried and made the runs noisier: on these virtual machines
-touching hundreds of MiB of fresh pages per run is slow and uneven. Wall time runs from just
-before the spawn to the later of the process's exit and the reader's end of file.
+the same for every program: it reads the pipe into one reused 1 MiB buffer and checks it as it
+goes, either against the file of the expected output (one read of a page-cached file and a
+memcmp, ~0.1 CPU-s per GB) or, where no such file exists, with SHA-256 (~0.6 CPU-s per GB).
+Decoder runs use the comparison: hashing in the reader took half a core from whichever program
+spreads over both cores, a cost that says nothing about the program (containerd's own reader
+does gunzip, the diffID hash and tar extraction, which the CRI benchmark measures). Spilling
+into a tmpfs file and checking afterwards was tried and made the runs noisier: on these virtual
+machines touching hundreds of MiB of fresh pages per run is slow and uneven. Wall time runs
+from just before the spawn to the later of the process's exit and the reader's end of file.
 
 CPU time and peak RSS: the program is started through GNU time (`/usr/bin/time`, Debian's
 `time` package), which forks and execs it and reports the `wait4` rusage of that child.
@@ -75,6 +77,7 @@ class ProcessRun:
     returncode: int
     stdout_sha256: str | None
     stdout_size: int
+    stdout_differs_at: int | None  # with a reference file: first differing offset, else None
     stderr: str
 
     @property
@@ -127,6 +130,7 @@ def spawn(
     payload: bytes | None = None,
     stdout: Path | None = None,
     hash_stdout: bool = True,
+    reference: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 600,
 ) -> ProcessRun:
@@ -134,7 +138,8 @@ def spawn(
 
     stdin: a file for fd 0 (else /dev/null). payload: bytes for fd 3, through a pipe whose
     write end is closed before the program starts (else no fd 3). stdout: a file to write fd 1
-    to; when None, fd 1 is a pipe drained by the reader, which hashes it when hash_stdout.
+    to; when None, fd 1 is a pipe drained by the reader, which compares it with the file
+    `reference` when given, else hashes it when hash_stdout.
     The program is killed after `timeout` seconds.
     """
     program = [str(a) for a in argv]
@@ -171,7 +176,7 @@ def spawn(
             pipe_read = _high_fd(pipe_read)
             out_fd = _high_fd(pipe_write)
             opened.append(out_fd)
-            reader = _Reader(pipe_read, hash_stdout)
+            reader = _Reader(pipe_read, hash_stdout, reference)
             reader.start()  # from here on, closing out_fd (always done) ends it
         actions: list[tuple[int, int, int]] = [
             (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
@@ -207,11 +212,13 @@ def spawn(
         stderr = err_file.read(65536).decode("utf-8", "replace")
         digest = reader.digest if reader is not None else None
         size = reader.size if reader is not None else 0
+        differs_at = reader.differs_at if reader is not None else None
         maxrss, returncode = _time_report(stat_path, os.waitstatus_to_exitcode(status))
         return ProcessRun(
             argv=tuple(program), wall=ended - started, user=usage.ru_utime,
             system=usage.ru_stime, maxrss=maxrss, returncode=returncode,
-            stdout_sha256=digest, stdout_size=size, stderr=stderr,
+            stdout_sha256=digest, stdout_size=size, stdout_differs_at=differs_at,
+            stderr=stderr,
         )
     finally:
         err_file.close()
@@ -225,26 +232,38 @@ def spawn(
 
 
 class _Reader(threading.Thread):
-    """Drains a pipe to its end, hashing what it reads; closes the pipe when done."""
+    """Drains a pipe to its end, checking what it reads (see the module docstring); closes
+    the pipe when done."""
 
-    def __init__(self, fd: int, hashing: bool):
+    def __init__(self, fd: int, hashing: bool, reference: Path | None = None):
         super().__init__(daemon=True)
         self.fd = fd
-        self.hashing = hashing
+        self.hashing = hashing and reference is None
+        self.reference = reference
         self.size = 0
         self.digest: str | None = None
+        self.differs_at: int | None = None
         self.finished = 0.0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         buffer = bytearray(READ_CHUNK)
         view = memoryview(buffer)
+        expected = bytearray(READ_CHUNK)
         hasher = hashlib.sha256()
+        reference_fd = -1
         try:
-            while (count := os.readv(self.fd, [buffer])) > 0:
-                self.size += count
-                if self.hashing:
+            if self.reference is not None:
+                reference_fd = os.open(self.reference, os.O_RDONLY | os.O_CLOEXEC)
+            while (count := self._fill(view)) > 0:
+                if reference_fd >= 0:
+                    self._compare(reference_fd, buffer, expected, count)
+                elif self.hashing:
                     hasher.update(view[:count])
+                self.size += count
+            if reference_fd >= 0 and self.differs_at is None and (
+                    os.fstat(reference_fd).st_size != self.size):
+                self.differs_at = self.size
             if self.hashing:
                 self.digest = "sha256:" + hasher.hexdigest()
         except BaseException as e:  # reported by spawn after the join
@@ -252,6 +271,28 @@ class _Reader(threading.Thread):
         finally:
             self.finished = time.perf_counter()
             os.close(self.fd)
+            if reference_fd >= 0:
+                os.close(reference_fd)
+
+    def _fill(self, view: memoryview) -> int:
+        """Read until the buffer is full or the pipe ends, so whole buffers can be compared."""
+        filled = 0
+        while filled < len(view) and (count := os.readv(self.fd, [view[filled:]])) > 0:
+            filled += count
+        return filled
+
+    def _compare(self, reference_fd: int, got: bytearray, expected: bytearray,
+                 count: int) -> None:
+        if self.differs_at is not None:
+            return
+        have = os.preadv(reference_fd, [expected], self.size)
+        if count == len(got) and have == count:
+            same = got == expected  # whole buffers: one memcmp, no copies
+        else:
+            same = have >= count and got[:count] == expected[:count]
+        if not same:
+            self.differs_at = self.size + next(
+                (i for i in range(min(count, have)) if got[i] != expected[i]), min(count, have))
 
 
 def _time_report(path: Path, launcher_status: int) -> tuple[int, int]:
@@ -280,6 +321,19 @@ def expect_output(run: ProcessRun, digest: str, size: int | None = None) -> Samp
         raise WrongOutput(
             f"{os.path.basename(run.argv[0])} wrote {run.stdout_size} bytes with "
             f"{run.stdout_sha256}, expected {size if size is not None else '?'} bytes with {digest}"
+        )
+    return run.sample()
+
+
+def expect_same_output(run: ProcessRun, reference: Path) -> Sample:
+    """The run's sample, if it exited 0 and wrote exactly the bytes of `reference` (the run
+    must have been spawned with it); else WrongOutput."""
+    if run.returncode != 0:
+        raise WrongOutput(run.describe_failure())
+    if run.stdout_differs_at is not None:
+        raise WrongOutput(
+            f"{os.path.basename(run.argv[0])} wrote {run.stdout_size} bytes that differ from "
+            f"{reference} ({reference.stat().st_size} bytes) at offset {run.stdout_differs_at}"
         )
     return run.sample()
 

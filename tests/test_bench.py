@@ -35,6 +35,27 @@ def test_a_run_with_other_output_or_a_failure_does_not_score(tmp_path: Path) -> 
         measure.expect_success(failed)
 
 
+@pytest.mark.parametrize("size", [5, measure.READ_CHUNK, 3 * measure.READ_CHUNK + 7])
+def test_spawn_compares_stdout_with_a_reference_file(tmp_path: Path, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    source = tmp_path / "in"
+    source.write_bytes(data)
+    copy = [sys.executable, "-c", "import shutil,sys; shutil.copyfileobj(sys.stdin.buffer, "
+            "sys.stdout.buffer, 65536)"]
+    run = measure.spawn(copy, stdin=source, reference=source)
+    assert run.stdout_size == size and run.stdout_differs_at is None
+    measure.expect_same_output(run, source)
+    for name, wrong in [("flipped", data[:-3] + bytes([data[-3] ^ 1]) + data[-2:]),
+                        ("short", data[:-1]), ("long", data + b"!")]:
+        other = tmp_path / name
+        other.write_bytes(wrong)
+        bad = measure.spawn(copy, stdin=other, reference=source)
+        expected_offset = {"flipped": size - 3, "short": size - 1, "long": size}[name]
+        assert bad.stdout_differs_at == expected_offset, name
+        with pytest.raises(WrongOutput, match=f"differ from .* at offset {expected_offset}"):
+            measure.expect_same_output(bad, source)
+
+
 def test_alternate_rotates_and_stops_at_the_first_wrong_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
