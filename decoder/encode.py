@@ -127,6 +127,57 @@ def parse_recipient(spec: str) -> Recipient:
     return Recipient(scheme, path, certificate, f"{subject} serial {certificate.serial_number}")
 
 
+def recipient_identity(recipient: Recipient) -> str:
+    """What tells two recipients apart: the RFC 7638 thumbprint of a JWE recipient's key
+    (the `kid` we write), the SHA-256 fingerprint of a PKCS7 recipient's certificate."""
+    if recipient.scheme == "jwe":
+        return "jwe:" + jwe.thumbprint(recipient.key)
+    from cryptography.hazmat.primitives import hashes
+
+    fingerprint: bytes = recipient.key.fingerprint(hashes.SHA256())
+    return "pkcs7:" + fingerprint.hex()
+
+
+def parse_recipients(specs: list[str], reporter: Reporter | None = None) -> tuple[Recipient, ...]:
+    """parse_recipient for each SPEC; a recipient given twice (the same key under two file
+    names too) is kept once."""
+    kept: dict[str, Recipient] = {}
+    for spec in specs:
+        recipient = parse_recipient(spec)
+        identity = recipient_identity(recipient)
+        if identity in kept:
+            if reporter is not None:
+                reporter.warn(f"{spec} is the same recipient as "
+                              f"{kept[identity].scheme}:{kept[identity].source}; taken once")
+            continue
+        kept[identity] = recipient
+    return tuple(kept.values())
+
+
+def already_wrapped_for(annotations: dict[str, str], recipient: Recipient) -> bool:
+    """Whether the layer's keys annotation of the recipient's scheme names it already: a JWE
+    recipient by its `kid` (JWEs without kids, as skopeo writes, cannot tell), a PKCS7 one by
+    its certificate's issuer and serial."""
+    value = keywrap.wrapped_keys(annotations).get(recipient.scheme)
+    if not value:
+        return False
+    try:
+        blobs = keywrap.decode_blobs(recipient.scheme, value)
+    except DecoderError:
+        return False
+    if recipient.scheme != "jwe":
+        return bool(_pkcs7().names_certificate(blobs, recipient.key))
+    kid = jwe.thumbprint(recipient.key)
+    for blob in blobs:
+        try:
+            parsed = jwe.parse(blob)
+        except jwe.JWEFormatError:
+            continue
+        if any(r.header.get("kid") == kid for r in parsed.recipients):
+            return True
+    return False
+
+
 def _pkcs7() -> ModuleType:
     try:
         return importlib.import_module("decoder.keywrap.pkcs7")
@@ -181,7 +232,9 @@ def load_keys(arguments: list[str]) -> keys.KeyRing:
     ring = keys.load_key_files(files)
     if ring.skipped:
         source, reason = ring.skipped[0]
-        raise KeyLoadError(f"--key {source}: {reason}")
+        hint = (" (a public key names recipients: encrypt --recipient jwe:FILE, layerinfo "
+                "--recipient jwe:FILE)") if "public" in reason else ""
+        raise KeyLoadError(f"--key {source}: {reason}{hint}")
     return ring
 
 
@@ -235,6 +288,7 @@ class LayerPlan:
     action: str = "keep"  # keep | encrypt | add | decrypt
     reason: str = ""
     private_options: bytes = b""  # opened while planning (add, decrypt)
+    recipients: tuple[Recipient, ...] = ()  # add: those the layer is not yet wrapped for
 
 
 @dataclass
@@ -380,7 +434,15 @@ def plan(request: Request, root: Node) -> int:
                 layer.action = "decrypt" if encrypted else "keep"
                 layer.reason = "" if encrypted else "not encrypted"
             elif encrypted:
-                layer.action = "add"
+                annotations = layer.descriptor.get("annotations") or {}
+                annotations = annotations if isinstance(annotations, dict) else {}
+                layer.recipients = tuple(r for r in request.recipients
+                                         if not already_wrapped_for(annotations, r))
+                if layer.recipients:
+                    layer.action = "add"
+                else:
+                    layer.reason = ("already encrypted for "
+                                    + _recipient_summary(list(request.recipients)))
             elif media_type in PLAIN_TO_ENCRYPTED:
                 layer.action = "encrypt"
                 if not str(layer.descriptor["digest"]).startswith("sha256:"):
@@ -534,13 +596,15 @@ class Writer:
         self.reporter.finish()
         descriptor = dict(plan.descriptor)
         annotations = dict(descriptor.get("annotations") or {})
-        recipients = list(self.request.recipients)
+        recipients = list(plan.recipients)
         for name, value in wrap_annotations(plan.private_options, recipients).items():
             annotations[name] = f"{annotations[name]},{value}" if annotations.get(name) else value
         descriptor["annotations"] = annotations
+        present = [r for r in self.request.recipients if r not in plan.recipients]
         self.reporter.say(
             f"{node.label} layer {plan.index}: {plan.descriptor['digest']} already encrypted; "
             f"added {_recipient_summary(recipients)} (same ciphertext)"
+            + (f"; already a recipient: {_recipient_summary(present)}" if present else "")
         )
         return descriptor
 
@@ -659,12 +723,16 @@ def run(request: Request, reporter: Reporter) -> str:
         if ref is not None:
             new_entry["annotations"] = {**(new_entry.get("annotations") or {}),
                                         REF_NAME_ANNOTATION: ref}
+        replaced = [e for e in (destination.existing_index or {}).get("manifests", [])
+                    if isinstance(e, dict) and ref is not None and ocilayout.ref_name(e) == ref]
         destination.commit(ocilayout.merged_index(destination.existing_index, new_entry))
     except BaseException:
         destination.abort()
         raise
     where = Location(request.destination.transport, request.destination.path, ref)
-    reporter.say(f"wrote {where} ({new_entry['digest']})")
+    reporter.say(f"wrote {where} ({new_entry['digest']})"
+                 + "".join(f"; it replaces the image {ref} was ({e.get('digest')})"
+                           for e in replaced if e.get("digest") != new_entry["digest"]))
     return str(new_entry["digest"])
 
 
@@ -717,15 +785,19 @@ def _jwe_recipient(header: dict[str, Any], kids: dict[str, str]) -> dict[str, An
 
 
 def layer_info(
-    source: Location, ring: keys.KeyRing, platforms: list[Platform]
+    source: Location, ring: keys.KeyRing, platforms: list[Platform],
+    known: tuple[Recipient, ...] = (),
 ) -> dict[str, Any]:
     """Per platform and layer: digest, size, media type, schemes, recipients and, with
-    keys, which of them open it (the wrapped options are unwrapped, the layer is not read)."""
+    keys, which of them open it (the wrapped options are unwrapped, the layer is not read).
+    JWE recipients are named by the --key files and the `known` public keys their kid is
+    the thumbprint of."""
     layout = Layout(source)
     entry = layout.find_image(source.ref)
     root = load_tree(layout, entry)
     select(root, platforms, [], source)
-    kids = {jwe.thumbprint(k.key.public_key()): k.source for k in ring.private_keys}
+    kids = {jwe.thumbprint(r.key): r.source for r in known if r.scheme == "jwe"}
+    kids.update({jwe.thumbprint(k.key.public_key()): k.source for k in ring.private_keys})
     manifests = []
     for node in root.manifests():
         if not node.selected:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--key", action="append", default=[], metavar="KEY[:PASSWORD]",
                       help=KEY_HELP)
+    info.add_argument("--recipient", action="append", default=[], metavar="jwe:FILE",
+                      help="a public key (or certificate) to name JWE recipients by: layers "
+                      "we encrypt carry each recipient key's thumbprint as kid")
     info.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
                       help="only these platforms")
     return parser
@@ -188,12 +191,17 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     ring = encode.load_keys(args.key)
     platforms = tuple(encode.parse_platform(p) for p in args.platform)
     if args.command == "layerinfo":
-        info = encode.layer_info(ocilayout.parse_location(args.source), ring, list(platforms))
+        known = encode.parse_recipients(args.recipient)
+        if any(r.scheme != "jwe" for r in known):
+            raise UsageError("layerinfo --recipient takes jwe: keys; PKCS7 recipients are "
+                             "listed by certificate issuer and serial already")
+        info = encode.layer_info(ocilayout.parse_location(args.source), ring, list(platforms),
+                                 known)
         reporter.say(json.dumps(info, indent=2) if args.json else format_layer_info(info))
         return 0
     source = ocilayout.parse_location(args.source)
     destination = ocilayout.parse_location(args.destination)
-    recipients = tuple(encode.parse_recipient(r) for r in getattr(args, "recipient", None) or [])
+    recipients = encode.parse_recipients(getattr(args, "recipient", None) or [], reporter)
     request = encode.Request(
         command=args.command,
         source=source,

@@ -390,6 +390,22 @@ def _recipient_text(recipient: Recipient) -> str:
     return f"issuer {_name_text(recipient.issuer or b'')} serial {hex_serial}"
 
 
+def names_certificate(blobs: list[bytes], certificate: Certificate) -> bool:
+    """Whether a RecipientInfo of the blobs names the certificate (issuer and serial, or
+    subject key identifier), so wrapping for it again would add a duplicate."""
+    identity = _identity(certificate)
+    if identity is None:
+        return False
+    for blob in blobs:
+        try:
+            envelope = parse(blob)
+        except PKCS7FormatError:
+            continue
+        if any(identity.names(recipient) for recipient in envelope.recipients):
+            return True
+    return False
+
+
 def describe(blobs: list[bytes]) -> str:
     """Say which certificates (issuer and serial) the PKCS7 blobs are wrapped for."""
     names: list[str] = []

@@ -1,0 +1,115 @@
+"""ctd-encoder and recipients it already has: a recipient given twice is taken once, one a
+layer is already wrapped for is not wrapped for again, layerinfo names JWE recipients by
+public key, and replacing an image under an existing ref says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jwcrypto import jwk
+
+from tests.layouts import Reader, random_layers, simple_image
+from tests.support import ASSETS, KEYS
+from tests.test_encoder import JWE_KEYS, Encoder, encoder, ok, refused
+
+__all__ = ["encoder"]  # the fixture, imported for its use here
+
+PKCS7 = ASSETS / "pkcs7"
+PKCS7_KEYS = "org.opencontainers.image.enc.keys.pkcs7"
+
+
+def jwe_kids(descriptor: dict[str, object]) -> list[str]:
+    from decoder import keywrap
+    from decoder.keywrap import jwe
+
+    annotations = descriptor["annotations"]
+    assert isinstance(annotations, dict)
+    return [str(r.header.get("kid")) for blob in keywrap.decode_blobs("jwe", annotations[JWE_KEYS])
+            for r in jwe.parse(blob).recipients]
+
+
+def test_a_recipient_given_twice_is_wrapped_for_once(encoder: Encoder, tmp_path: Path) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    jwk_copy = tmp_path / "same-key.jwk.json"
+    jwk_copy.write_bytes((KEYS / "rsa2048.pub.jwk.json").read_bytes())
+    result = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                        "--recipient", f"jwe:{jwk_copy}",
+                        "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                        f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    assert f"jwe:{jwk_copy} is the same recipient as jwe:{KEYS / 'rsa2048.pub.pem'}" in (
+        result.stderr)
+    (layer,) = Reader(tmp_path / "enc").manifest()["layers"]
+    rsa_kid = jwk.JWK.from_pem((KEYS / "rsa2048.pub.pem").read_bytes()).thumbprint()
+    ec_kid = jwk.JWK.from_pem((KEYS / "ec256.pub.pem").read_bytes()).thumbprint()
+    assert jwe_kids(layer) == [rsa_kid, ec_kid]
+
+
+def test_adding_a_jwe_recipient_the_layer_has_adds_nothing(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    simple_image(tmp_path / "src", random_layers(2))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'one'}"))
+    # every layer already has it: nothing to do, nothing written, and no --key needed
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                    f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"),
+            "nothing to encrypt", f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'}")
+    assert not (tmp_path / "two").exists()
+    # one old and one new recipient: only the new one is added
+    result = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                        "--recipient", f"jwe:{KEYS / 'ec384.pub.pem'}",
+                        "--key", KEYS / "rsa2048-pkcs8.pem",
+                        f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"))
+    assert f"added jwe:{KEYS / 'ec384.pub.pem'} (same ciphertext); already a recipient: " \
+        f"jwe:{KEYS / 'rsa2048.pub.pem'}" in result.stdout
+    rsa_kid = jwk.JWK.from_pem((KEYS / "rsa2048.pub.pem").read_bytes()).thumbprint()
+    ec_kid = jwk.JWK.from_pem((KEYS / "ec384.pub.pem").read_bytes()).thumbprint()
+    for layer in Reader(tmp_path / "two").manifest()["layers"]:
+        assert jwe_kids(layer) == [rsa_kid, ec_kid]
+
+
+def test_adding_a_pkcs7_recipient_the_layer_has_adds_nothing(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'one'}"))
+    refused(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
+                    f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"),
+            "nothing to encrypt", "already encrypted for pkcs7:")
+    result = ok(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'bob-cert.pem'}",
+                        "--key", PKCS7 / "alice-key.pem", "--key", PKCS7 / "alice-cert.pem",
+                        f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"))
+    assert f"added pkcs7:{PKCS7 / 'bob-cert.pem'}" in result.stdout
+    (layer,) = Reader(tmp_path / "two").manifest()["layers"]
+    assert layer["annotations"][PKCS7_KEYS].count(",") == 1, "one blob more, for bob only"
+
+
+def test_layerinfo_names_jwe_recipients_by_public_key(encoder: Encoder, tmp_path: Path) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+               "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    result = ok(encoder("layerinfo", "--json", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                        f"oci:{tmp_path / 'enc'}"))
+    (layer,) = json.loads(result.stdout)["manifests"][0]["layers"]
+    assert [r.get("key") for r in layer["recipients"]] == [None, str(KEYS / "ec256.pub.pem")]
+    assert "openedBy" not in layer, "a public key opens nothing"
+    refused(encoder("layerinfo", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
+                    f"oci:{tmp_path / 'enc'}"), "takes jwe: keys")
+    refused(encoder("layerinfo", "--key", KEYS / "ec256.pub.pem", f"oci:{tmp_path / 'enc'}"),
+            "public key, not a private key", "layerinfo --recipient jwe:FILE")
+
+
+def test_replacing_an_image_under_its_ref_says_so(encoder: Encoder, tmp_path: Path) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    first = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                       f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}:app"))
+    assert "replaces" not in first.stdout
+    old = Reader(tmp_path / "enc").index["manifests"][0]["digest"]
+    second = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                        f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}:app"))
+    assert f"it replaces the image app was ({old})" in second.stdout
+    (entry,) = Reader(tmp_path / "enc").index["manifests"]
+    assert entry["digest"] != old
