@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the release artifacts of pyimgcrypt (what `make package` runs):
-#   dist/ctd-decoder/                                  PyInstaller onedir bundle
+#   dist/ctd-decoder/                                  PyInstaller onedir bundle, with config/
 #   dist/ctd-decoder-<version>-linux-<arch>.tar.gz     install-root tarball: `tar -C / -xzf`
 #   dist/SHA256SUMS                                    `sha256sum -c` format
 # Reproducible: PYTHONHASHSEED=0 and SOURCE_DATE_EPOCH (from the environment, else the last
@@ -84,6 +84,9 @@ if grep -h '^excluded module named .*(top-level)' "$work"/pyinstaller/*/warn-*.t
 	exit 1
 fi
 "$dist/$name/$name" --version >/dev/null || { say "the bundled $name does not start"; exit 1; }
+# The containerd snippets travel with the programs, so a node needs no checkout to merge them.
+mkdir -p "$dist/$name/config"
+cp config/README.md config/containerd-1.x.toml config/containerd-2.x.toml "$dist/$name/config/"
 
 # --- install-root tarball --------------------------------------------------------------
 stage=$work/stage
@@ -116,4 +119,4 @@ printf '%s\n' \
 	"bundle:    $out/$name/ ($size; the program is $out/$name/$name)" \
 	"tarball:   $out/$tarball" \
 	"checksums: $out/SHA256SUMS" \
-	"install:   tar -C / -xzf $out/$tarball   (/$install_dir/ and /$bin_dir/$name)"
+	"install:   tar -C / -xzf $out/$tarball   (/$install_dir/ with config/, /$bin_dir/ctd-decoder and ctd-encoder)"

@@ -465,6 +465,9 @@ def test_tarball_installs_and_runs(bundle: Bundle, tmp_path: Path) -> None:
         assert result.stdout == f"{NAME} {version()}\n"
     installed = _tree_digests(tmp_path / INSTALL_DIR)
     assert installed == _tree_digests(bundle.exe.parent)
+    for name in ("README.md", "containerd-1.x.toml", "containerd-2.x.toml"):
+        shipped = tmp_path / INSTALL_DIR / "config" / name
+        assert shipped.read_bytes() == (ROOT / "config" / name).read_bytes(), name
 
 
 def _tree_digests(top: Path) -> dict[str, str]:
