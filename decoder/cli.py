@@ -14,7 +14,7 @@ from decoder import __version__
 
 USAGE = """\
 usage: ctd-decoder [--decryption-keys-path DIR]... [--keyprovider-config FILE]
-                   [--accept-digest-mismatch] [--help] [--version]
+                   [--accept-digest-mismatch] [--spool-dir DIR] [--help] [--version]
 
 Decrypts one ocicrypt-encrypted OCI layer for containerd: ciphertext on stdin, the layer
 descriptor in a payload on fd 3, plaintext on stdout.
@@ -27,6 +27,10 @@ options:
   --accept-digest-mismatch    trust the HMAC alone when the plaintext digest differs from the
                               one in the layer's private options (skopeo records the source
                               blob's digest when it recompresses while encrypting)
+  --spool-dir DIR             decrypt into an unnamed file in DIR and write nothing until
+                              the layer has verified (layers up to 8 MiB are always held
+                              whole in memory); costs disk space and containerd's overlap
+                              of decryption with unpacking
   --help                      show this help and exit
   --version                   show the version and exit
 """
@@ -85,7 +89,8 @@ def _hold_stdout_open() -> None:
         os._exit(0)
 
 
-_VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config"}
+_VALUE_FLAGS = {"decryption-keys-path", "keyprovider-config", "spool-dir"}
+_BOOLEAN_VALUES = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}
 _SWITCHES = {"accept-digest-mismatch"}
 
 
@@ -105,8 +110,13 @@ def parse_args(argv: list[str]) -> tuple[dict[str, list[str]], str | None]:
         if not arg.startswith("-") or arg in ("-", "--"):
             raise UsageError(f"unexpected argument {arg!r} (see --help)")
         name, has_value, value = arg.lstrip("-").partition("=")
-        if name in _SWITCHES and not has_value:
-            values[name].append("true")
+        if name in _SWITCHES:
+            if has_value and value.lower() not in _BOOLEAN_VALUES:  # Go's flag: -x=true
+                raise UsageError(f"option --{name} takes no value or true/false, not {value!r}")
+            if _BOOLEAN_VALUES.get(value.lower(), True):
+                values[name].append("true")
+            else:
+                values[name].clear()
             continue
         if name not in _VALUE_FLAGS:
             raise UsageError(f"unknown option {arg.partition('=')[0]!r} (see --help)")
@@ -135,8 +145,13 @@ def _print(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ctd-decoder console script."""
+    import warnings
+
     from decoder.errors import DecoderError
 
+    # Library warnings (a deprecated certificate encoding in a stray file, say) would add
+    # lines to the stderr that containerd shows as the error.
+    warnings.simplefilter("ignore")
     args = sys.argv[1:] if argv is None else argv
     try:
         values, action = parse_args(args)
@@ -153,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
             if provider_configs
             else os.environ.get("OCICRYPT_KEYPROVIDER_CONFIG"),
             accept_digest_mismatch=bool(values["accept-digest-mismatch"]),
+            spool_directory=values["spool-dir"][-1] if values["spool-dir"] else None,
         )
-        warnings = decode.run(options)
+        notes = decode.run(options)
     except DecoderError as e:
         if os.environ.get("CTD_DECODER_DEBUG") == "1":
             raise
         report_failure(one_line(str(e)))
         return 1
-    for warning in warnings:
-        sys.stderr.write(f"ctd-decoder: warning: {one_line(warning)}\n")
+    for note in notes:
+        sys.stderr.write(f"ctd-decoder: warning: {one_line(note)}\n")
     return 0

@@ -19,6 +19,7 @@ class Options(NamedTuple):
     key_directories: list[str]
     keyprovider_config: str | None = None
     accept_digest_mismatch: bool = False
+    spool_directory: str | None = None
 
 
 def check_media_type(media_type: str) -> None:
@@ -38,12 +39,24 @@ def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
     public = layercipher.parse_public_options(descriptor.annotations)
     layercipher.check_public_options(public)
     ring = load_keyring(options.key_directories, payload.parameters)
-    layer = descriptor.digest or "(no digest)"
+    layer = _shown_digest(descriptor.digest)
     private_json = keywrap.unwrap_private_options(descriptor.annotations, ring, layer)
     private = layercipher.parse_private_options(private_json)
     params = layercipher.cipher_parameters(private, public)
+    spool_fd = None
+    if options.spool_directory is not None:
+        spool_fd = layercipher.open_spool(options.spool_directory)
     layercipher.widen_pipe(out_fd)
     warning = layercipher.decrypt_stream(
-        params, in_fd, out_fd, descriptor.size, options.accept_digest_mismatch
+        params, in_fd, out_fd, descriptor.size, options.accept_digest_mismatch,
+        spool_fd=spool_fd,
     )
     return [*ring.warnings, *([warning] if warning else [])]
+
+
+def _shown_digest(digest: str) -> str:
+    """The descriptor's digest as messages name the layer: untrusted, so capped, lest a huge
+    one push the node's own facts out of a length-capped message."""
+    if not digest:
+        return "(no digest)"
+    return digest if len(digest) <= 80 else digest[:72] + "..."

@@ -84,6 +84,11 @@ class KeyRing:
     def skip(self, source: str, reason: str) -> None:
         self.skipped.append((source, reason))
 
+    def skip_with_warning(self, source: str, reason: str) -> None:
+        """A skip worth a warning even when another key opens the layer."""
+        self.skip(source, reason)
+        self.warnings.append(f"skipped {source}: {reason}")
+
 
 def load_keyring(directories: list[str], parameters: dict[str, list[bytes | None]]) -> KeyRing:
     """Collect keys from the key directories first, then from the payload parameters."""
@@ -177,8 +182,11 @@ def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
                 real = os.path.realpath(path)
+                if not os.path.exists(real):
+                    ring.skip(display, "dangling link (its target does not exist)")
+                    continue
                 if os.path.commonpath([root_real, real]) != root_real:
-                    ring.warnings.append(f"skipped {display}: link leads outside the key directory")
+                    ring.skip_with_warning(display, "link leads outside the key directory")
                     continue
                 st = os.stat(real)
             else:
@@ -188,7 +196,7 @@ def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]
             continue
         if stat.S_ISDIR(st.st_mode):
             if real in frame.ancestors:
-                ring.warnings.append(f"skipped {display}: link loops back to {real}")
+                ring.skip_with_warning(display, f"link loops back to {real}")
             elif real in visited:
                 pass  # another name for a directory already walked, as a Secret's ..data is
             elif len(frame.ancestors) > MAX_DIRECTORY_DEPTH:
@@ -256,13 +264,23 @@ def _classify(data: bytes, password: bytes | None, source: str, ring: KeyRing) -
     if not stripped:
         ring.skip(source, "empty file")
         return
-    if b"-----BEGIN " in data:
-        _classify_pem(data, password, source, ring)
-    elif stripped.startswith(b"{"):
-        _classify_jwk(stripped, source, ring)
-    elif data[0] == 0x30:
-        _classify_der(data, password, source, ring)
-    elif data[0] & 0x80:
+    try:
+        if b"-----BEGIN " in data:
+            _classify_pem(data, password, source, ring)
+        elif stripped.startswith(b"{"):
+            _classify_jwk(stripped, source, ring)
+        elif data[0] == 0x30:
+            _classify_der(data, password, source, ring)
+        else:
+            _classify_other(data, source, ring)
+    except Exception as e:  # a hostile or exotic file must never stop the walk
+        # cryptography raises UnsupportedAlgorithm (and may raise more) for keys of kinds it
+        # does not know; whatever a file makes a parser do, it is skipped with the reason.
+        ring.skip(source, f"unreadable as a key ({type(e).__name__})")
+
+
+def _classify_other(data: bytes, source: str, ring: KeyRing) -> None:
+    if data[0] & 0x80:
         ring.skip(source, "binary OpenPGP keyring (PGP keys are not supported yet)")
     elif b"pkcs11:" in data:
         ring.skip(source, "PKCS#11 key file (PKCS#11 is not supported yet)")
@@ -603,6 +621,18 @@ def check_recipient_key(key: Any, source: str) -> Any:
 def load_public_key(data: bytes, source: str) -> Any:
     """A recipient's public key from PEM (PUBLIC KEY, RSA PUBLIC KEY, CERTIFICATE), DER
     (SubjectPublicKeyInfo or certificate) or a public JWK; raise KeyLoadError otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        return _load_public_key(data, source)
+    except UnsupportedAlgorithm as e:
+        raise KeyLoadError(
+            f"{source}: a key of a kind this program cannot use (RSA or EC P-256, P-384, "
+            "P-521 only)"
+        ) from e
+
+
+def _load_public_key(data: bytes, source: str) -> Any:
     from cryptography.hazmat.primitives import serialization
 
     if data.startswith(b"\xef\xbb\xbf"):

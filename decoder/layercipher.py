@@ -6,15 +6,20 @@ with the same 32-byte key (encrypt-then-MAC). The private options (symkey, diges
 plaintext blob, nonce) travel wrapped; the public options (cipher, hmac) in the pubopts
 annotation.
 
-Decryption fails closed: plaintext is released only while at least HOLD_BACK bytes stay
-held back, and every release ends one byte past a 512-byte boundary, so a prefix that got
-out before a failed check is never a whole tar, gzip or zstd stream. The tail goes out only
-after both the HMAC and the plaintext digest have verified.
+Decryption fails closed. A layer of at most FULL_HOLD bytes goes out only after both the
+HMAC and the plaintext digest have verified. A larger one is released while at least
+HOLD_BACK bytes stay held back, every release ending one byte past a 512-byte boundary, so a
+truncated or corrupted layer never gets out as a whole tar, gzip or zstd stream; its tail
+goes out only after both checks. CTR is malleable, though: someone who knows a layer's
+plaintext can flip the ciphertext so that the released prefix is a stream of their choosing,
+which only the failed HMAC (exit status 1) reveals. With a spool file nothing goes out before
+both checks, whatever the size.
 """
 
 from __future__ import annotations
 
 import binascii
+import errno
 import hashlib
 import hmac
 import os
@@ -30,6 +35,7 @@ NONCE_BYTES = 16
 HMAC_BYTES = 32
 CHUNK = 1 << 20
 HOLD_BACK = 64 * 1024
+FULL_HOLD = 8 * 1024 * 1024  # layers up to this size are held whole, in memory
 TAR_BLOCK = 512
 _DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
 
@@ -140,19 +146,26 @@ def cipher_parameters(private: PrivateOptions, public: PublicOptions) -> CipherP
         raise LayerOptionsError(
             f"the layer's nonce is {len(nonce)} bytes; AES-CTR needs {NONCE_BYTES}"
         )
+    # The digest itself is confidential (wrapped): messages say what is wrong, never its value.
     algorithm, _, hex_digest = private.digest.partition(":")
     if not private.digest:
         raise LayerOptionsError(
             "the layer's private options carry no plaintext digest to verify the result against"
         )
-    if algorithm not in _DIGESTS or len(hex_digest) != _DIGESTS[algorithm]:
-        raise LayerOptionsError(f"the layer's plaintext digest {private.digest!r} is not usable")
+    if algorithm not in _DIGESTS:
+        raise LayerOptionsError(
+            "the layer's plaintext digest (in its private options) is not a sha256, sha384 or "
+            "sha512 digest"
+        )
     try:
         expected_digest = bytes.fromhex(hex_digest)
-    except ValueError as e:
+    except ValueError:
+        expected_digest = b""
+    if len(hex_digest) != _DIGESTS[algorithm] or len(expected_digest) * 2 != len(hex_digest):
         raise LayerOptionsError(
-            f"the layer's plaintext digest {private.digest!r} is not hex"
-        ) from e
+            f"the layer's {algorithm} plaintext digest (in its private options) is not "
+            f"{_DIGESTS[algorithm]} hex digits"
+        )
     return CipherParameters(private.symkey, nonce, expected_hmac, algorithm, expected_digest)
 
 
@@ -350,27 +363,42 @@ def decrypt_stream(
     expected_size: int | None = None,
     accept_digest_mismatch: bool = False,
     write: Callable[[int, memoryview], None] = write_all,
+    spool_fd: int | None = None,
 ) -> str | None:
-    """Decrypt in_fd to out_fd in constant memory (RING chunks); return a warning, if any."""
+    """Decrypt in_fd to out_fd in constant memory (RING chunks); return a warning, if any.
+
+    A layer whose descriptor size is at most FULL_HOLD is decrypted into memory and written
+    only once verified. With spool_fd (an empty file open for reading and writing), the
+    plaintext goes there and is copied to out_fd once verified."""
     from collections import deque
 
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
     mac = hmac.new(params.key, digestmod="sha256")
-    writer = _DigestWriter(hashlib.new(params.digest_algorithm), out_fd, write)
+    digest_hash = hashlib.new(params.digest_algorithm)
+    if spool_fd is not None:
+        writer = _DigestWriter(digest_hash, spool_fd, _spool_write)
+    else:
+        writer = _DigestWriter(digest_hash, out_fd, write)
+    whole: memoryview | None = None  # the layer held in memory, when it is small
+    if spool_fd is None and expected_size is not None and expected_size <= FULL_HOLD:
+        whole = memoryview(bytearray(expected_size + 16))
     slots: list[memoryview] = []  # grown to RING buffers only as the layer needs them
     pending: deque[memoryview] = deque()  # decrypted, not yet released, in order
     decrypted = emitted = chunks = 0
     try:
         while True:
-            slot = chunks % RING
-            # The slot's previous chunk is hashed and written once the submission after it
-            # is done: at most HOLD_BACK + TAR_BLOCK < RING_CHUNK bytes are ever held back.
-            writer.wait_for(chunks - RING + 2)
-            if slot == len(slots):
-                slots.append(memoryview(bytearray(RING_CHUNK + 16)))
-            buffer = slots[slot]
+            if whole is not None:
+                buffer = whole[decrypted : decrypted + RING_CHUNK + 16]
+            else:
+                slot = chunks % RING
+                # The slot's previous chunk is hashed and written once the submission after
+                # it is done: at most HOLD_BACK + TAR_BLOCK < RING_CHUNK bytes are held back.
+                writer.wait_for(chunks - RING + 2)
+                if slot == len(slots):
+                    slots.append(memoryview(bytearray(RING_CHUNK + 16)))
+                buffer = slots[slot]
             filled = _read_full(in_fd, buffer[:RING_CHUNK])
             if filled == 0:
                 break
@@ -384,7 +412,12 @@ def decrypt_stream(
             pending.append(plaintext)
             decrypted += filled
             chunks += 1
-            release = _release_point(emitted, decrypted, expected_size) - emitted
+            if whole is not None:
+                release = 0
+            elif spool_fd is not None:
+                release = decrypted - emitted
+            else:
+                release = _release_point(emitted, decrypted, expected_size) - emitted
             emitted += release
             releases: list[memoryview] = []
             while release > 0:
@@ -397,21 +430,75 @@ def decrypt_stream(
                 else:
                     pending[0] = head[take:]
             writer.submit(plaintext, releases)
-            if filled < RING_CHUNK:
+            if filled < len(buffer[:RING_CHUNK]):
                 break
     except BaseException:
         writer.abandon()
         raise
-    digest_hash = writer.finish()
+    writer.finish()
     if expected_size is not None and expected_size != decrypted:
         raise IntegrityError(
             f"stdin ended after {decrypted} bytes but the layer's descriptor gives "
             f"{expected_size}; the end of the plaintext was withheld"
         )
     warning = verify(params, mac.digest(), digest_hash.digest(), accept_digest_mismatch)
+    if spool_fd is not None:
+        _copy_spool(spool_fd, out_fd, decrypted)
+    if whole is not None:
+        pending = deque([whole[:decrypted]])
     for rest in pending:
         write(out_fd, rest)
     return warning
+
+
+def _spool_write(fd: int, data: memoryview) -> None:
+    write_all(fd, data, "the spool file")
+
+
+def _copy_spool(spool_fd: int, out_fd: int, size: int) -> None:
+    """Send the verified plaintext from the spool file to out_fd (sendfile, else read+write)."""
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(out_fd, spool_fd, offset, min(size - offset, 1 << 30))
+            if sent == 0:
+                raise OutputError("the spool file ended before the layer did")
+            offset += sent
+        return
+    except BrokenPipeError as e:
+        raise OutputError("the reader closed the output pipe before the layer was written") from e
+    except OSError as e:
+        if offset or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OutputError(f"cannot write the plaintext: {e.strerror}") from e
+    view = memoryview(bytearray(RING_CHUNK))
+    while offset < size:
+        n = os.preadv(spool_fd, [view[: min(RING_CHUNK, size - offset)]], offset)
+        if n == 0:
+            raise OutputError("the spool file ended before the layer did")
+        write_all(out_fd, view[:n])
+        offset += n
+
+
+def open_spool(directory: str) -> int:
+    """An unnamed file in `directory` for the plaintext until it verifies: O_TMPFILE, so it
+    vanishes with the process however that ends; else a named file removed at once."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise OutputError(
+                f"cannot create a spool file in --spool-dir {directory}: {e.strerror}"
+            ) from e
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ctd-decoder-spool-", dir=directory)
+    except OSError as e:
+        raise OutputError(
+            f"cannot create a spool file in --spool-dir {directory}: {e.strerror}"
+        ) from e
+    os.unlink(name)
+    return fd
 
 
 # --- encryption (the encoder) ------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from decoder import __version__
+from decoder import __version__, layercipher
 from tests.support import (
     JWE_ANNOTATION,
     KEYS,
@@ -227,8 +227,29 @@ def layer_and_keys(tmp_path: Path, plaintext: bytes, **kw: object) -> tuple[obje
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
-def test_tampered_layer_is_not_a_complete_stream(damage: str, tmp_path: Path) -> None:
+def test_tampered_small_layer_writes_nothing(damage: str, tmp_path: Path) -> None:
+    """Up to FULL_HOLD the whole layer waits for both checks: not one byte gets out."""
     plaintext = tar_gz_layer(400_000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    data = bytearray(layer.ciphertext)  # type: ignore[attr-defined]
+    descriptor = dict(layer.descriptor)  # type: ignore[attr-defined]
+    if damage == "truncate":
+        del data[-5000:]
+        descriptor["size"] = len(data)
+    elif damage == "flip":
+        data[100_000] ^= 4
+    else:
+        data += b"more"
+        descriptor["size"] = len(data)
+    result = run_decoder(bytes(data), payload_bytes(descriptor), args)
+    assert_failed(result, "HMAC check", plaintext=plaintext)
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
+def test_tampered_layer_is_not_a_complete_stream(damage: str, tmp_path: Path) -> None:
+    """Above FULL_HOLD a prefix goes out, cut inside a tar block and before the gzip trailer."""
+    plaintext = tar_gz_layer(layercipher.FULL_HOLD + 400_000)
     layer, args = layer_and_keys(tmp_path, plaintext)
     data = bytearray(layer.ciphertext)  # type: ignore[attr-defined]
     descriptor = dict(layer.descriptor)  # type: ignore[attr-defined]
@@ -257,7 +278,7 @@ def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
 def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
-        for i in range(40):
+        for i in range(layercipher.FULL_HOLD // 4096 + 40):
             info = tarfile.TarInfo(f"f{i}")
             info.size = 4096
             tar.addfile(info, io.BytesIO(os.urandom(4096)))

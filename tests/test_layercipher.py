@@ -222,14 +222,20 @@ def options(**changes: object) -> tuple[PrivateOptions, PublicOptions]:
         ({"pub_hmac": None}, "carry no HMAC"),
         ({"pub_hmac": b"x" * 20}, "HMAC is 20 bytes"),
         ({"priv_digest": ""}, "no plaintext digest"),
-        ({"priv_digest": "md5:abcd"}, "not usable"),
-        ({"priv_digest": "sha256:" + "zz" * 32}, "not hex"),
+        ({"priv_digest": "md5:abcd"}, "not a sha256, sha384 or sha512 digest"),
+        ({"priv_digest": "SHA256:" + "ab" * 32}, "not a sha256, sha384 or sha512 digest"),
+        ({"priv_digest": "sha256:" + "zz" * 32}, "not 64 hex digits"),
+        ({"priv_digest": "sha256:" + "ab " * 21 + "a"}, "not 64 hex digits"),
+        ({"priv_digest": "sha384:" + "ab" * 32}, "not 96 hex digits"),
     ],
 )
 def test_bad_options_are_refused(changes: dict[str, object], message: str) -> None:
     private, public = options(**changes)
-    with pytest.raises(LayerOptionsError, match=message):
+    with pytest.raises(LayerOptionsError, match=message) as refused:
         cipher_parameters(private, public)
+    digest = str(changes.get("priv_digest", ""))
+    if len(digest) > 8:  # the wrapped digest is confidential: never in a message
+        assert digest.partition(":")[2] not in str(refused.value)
 
 
 def test_unauthenticated_public_nonce_cannot_override_private() -> None:

@@ -160,18 +160,24 @@ def describe(blobs: list[bytes]) -> str:
 
 def unwrap(blobs: list[bytes], ring: KeyRing, notes: list[str]) -> bytes | None:
     """The JWE plaintext (ocicrypt's private options) from the first blob any key opens."""
+    budget = MAX_RECIPIENTS  # over all blobs of the layer: each recipient costs a try per key
     for index, blob in enumerate(blobs, start=1):
+        if budget <= 0:
+            notes.append(f"the layer's JWEs have more than {MAX_RECIPIENTS} recipients in all; "
+                         f"JWE {index} and later were not tried")
+            break
         try:
             jwe = parse(blob)
         except JWEFormatError as e:
             notes.append(f"JWE {index} is malformed: {e}")
             continue
-        if len(jwe.recipients) > MAX_RECIPIENTS:
+        if len(jwe.recipients) > budget:
             notes.append(
                 f"JWE {index} has {len(jwe.recipients)} recipients; only the first "
-                f"{MAX_RECIPIENTS} were tried"
+                f"{budget} were tried ({MAX_RECIPIENTS} per layer)"
             )
-        for recipient in jwe.recipients[:MAX_RECIPIENTS]:
+        tried, budget = jwe.recipients[:budget], budget - len(jwe.recipients[:budget])
+        for recipient in tried:
             alg = recipient.header.get("alg")
             enc = recipient.header.get("enc")
             if not isinstance(alg, str) or not isinstance(enc, str):
