@@ -25,14 +25,14 @@ lint: venv
 	$(VENV)/bin/ruff check decoder tests integration bench
 	$(VENV)/bin/mypy
 
-unit: deps
+unit: venv
 	$(VENV)/bin/pytest -q tests
 
 integration: deps
 	$(VENV)/bin/pytest -q integration
 
 test: deps lint
-	$(VENV)/bin/pytest tests integration
+	$(VENV)/bin/pytest -v tests integration
 
 demo: deps
 	$(PY) integration/demo.py

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="counted rounds per comparison")
     parser.add_argument("--refdec", help="the reference decoder (default: $REFDEC, else the "
                         "integration harness's: $PYIMGCRYPT_REFDEC or its cached build of "
-                        "../shared/reference/refdec)")
+                        "the team's shared/reference/refdec)")
     parser.add_argument("--report-dir", type=Path,
                         help="where performance.md and throughput.png go (default: docs/ for a "
                         "full run of every benchmark, else the cache directory)")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     r.machine["load average at start"] = report.load_average()
     say(f"bench: {r.mode} mode; cache {cache}; report into {report_dir}")
     try:
-        refdec = programs.refdec(args.refdec, cache, say)
+        refdec = programs.refdec(args.refdec, say)
         bundle = programs.bundle(not (args.no_bundle_rebuild or quick), say)
         programs.pip_install(say)
         key = data.keys(cache)

@@ -6,9 +6,9 @@
 - ours, bundle: the PyInstaller onedir program `dist/ctd-decoder/ctd-decoder`, built with
   `bash packaging/build.sh` when it is missing or older than the decoder's sources;
 - refdec: the Go ocicrypt reference decoder, `--refdec PATH` or $REFDEC, else the integration
-  harness's (`harness.refdec_program()`: $PYIMGCRYPT_REFDEC or one build shared with the
-  integration tests), else built once with `../shared/reference/refdec/build.sh` into the bench
-  cache; never into the repository;
+  harness's (`harness.refdec_program()`: $PYIMGCRYPT_REFDEC or one build of the team's
+  `shared/reference/refdec/build.sh`, shared with the integration tests); never in the
+  repository;
 - the encoder: `ctd-encoder` of that same install; skopeo, containerd from the system.
 """
 
@@ -35,7 +35,6 @@ ENCODER = VENV_BIN / "ctd-encoder"
 PIP_MARKER = PIP_VENV / "installed-from"
 BUNDLE = REPO_ROOT / "dist" / "ctd-decoder" / "ctd-decoder"
 BUILD_SCRIPT = REPO_ROOT / "packaging" / "build.sh"
-REFDEC_BUILD = REPO_ROOT.parent / "shared" / "reference" / "refdec" / "build.sh"
 
 
 def command_output(argv: list[str], timeout: float = 120) -> str:
@@ -96,27 +95,17 @@ def bundle(rebuild: bool, log: Callable[[str], None]) -> Path:
     return BUNDLE
 
 
-def refdec(explicit: str | None, cache: Path, log: Callable[[str], None]) -> Path:
-    """The reference decoder: --refdec / $REFDEC, else the harness's, else our cached build."""
+def refdec(explicit: str | None, log: Callable[[str], None]) -> Path:
+    """The reference decoder: --refdec / $REFDEC, else the integration harness's (built once,
+    on first use, and shared with the integration tests)."""
     chosen = explicit or os.environ.get("REFDEC")
     if chosen:
         return _executable(Path(chosen))
-    shared = getattr(harness, "refdec_program", None)
-    if callable(shared):
-        log("bench: reference decoder from the integration harness (built on first use)")
-        return _executable(Path(shared()))
-    out = cache / "refdec"
-    binary = out / "refdec"
-    if binary.is_file():
-        return binary
-    if not REFDEC_BUILD.is_file():
-        raise BenchError(f"no reference decoder: {REFDEC_BUILD} is missing; pass --refdec PATH")
-    log(f"bench: building the reference decoder into {out} ({REFDEC_BUILD})")
-    done = subprocess.run(["bash", str(REFDEC_BUILD), str(out)], capture_output=True, text=True,
-                          timeout=1800, check=False)
-    if done.returncode != 0 or not binary.is_file():
-        raise BenchError("refdec build.sh failed:\n" + done.stdout[-2000:] + done.stderr[-2000:])
-    return binary
+    log("bench: reference decoder from the integration harness (built on first use)")
+    try:
+        return _executable(harness.refdec_program())
+    except harness.HarnessError as e:
+        raise BenchError(f"{e}; pass --refdec PATH") from e
 
 
 def _executable(path: Path) -> Path:

@@ -1167,7 +1167,13 @@ def check_decoder(path: Path) -> str:
 
 # --- the encoder, skopeo and the Go reference decoder ---------------------------------------
 
-REFDEC_BUILD = REPO_ROOT.parent / "shared" / "reference" / "refdec" / "build.sh"
+# The team's shared reference material sits beside the checkout; a clone elsewhere (CI's)
+# finds it in the workspace.
+REFDEC_BUILD = next(
+    (p for p in (REPO_ROOT.parent / "shared" / "reference" / "refdec" / "build.sh",
+                 Path("/work/shared/reference/refdec/build.sh")) if p.is_file()),
+    REPO_ROOT.parent / "shared" / "reference" / "refdec" / "build.sh",
+)
 REFDEC_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyimgcrypt"
 
 
