@@ -191,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 # decoder: incompressible data, where its work is largest next to gzip's
                 for img in (image(cri_files_size, files=True), image(cri_size)):
                     say(f"bench: CRI pulls, {img.label} image, {slow_rounds.runs} runs per node")
-                    found = suites.cri_comparisons(
-                        img, key, {report.PIP: programs.PIP_DECODER, report.BUNDLE: bundle},
-                        slow_rounds, say)
+                    # refdec too: what the Go decoder costs in the same pull, for scale
+                    found = suites.cri_comparisons(img, key, decoders, slow_rounds, say)
                     r.cri.extend(found)
                     note_errors(found)
 
