@@ -226,10 +226,9 @@ def layer_and_keys(tmp_path: Path, plaintext: bytes, **kw: object) -> tuple[obje
     return layer, args_for(key_dir(tmp_path, "ec256-sec1.pem"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
-def test_tampered_small_layer_writes_nothing(damage: str, tmp_path: Path) -> None:
-    """Up to FULL_HOLD the whole layer waits for both checks: not one byte gets out."""
-    plaintext = tar_gz_layer(400_000)
+def damaged_run(tmp_path: Path, plaintext: bytes, damage: str) -> object:
+    """Decrypt the layer after truncating it, flipping a bit or appending bytes (with the
+    descriptor's size following the truncation and the extension)."""
     layer, args = layer_and_keys(tmp_path, plaintext)
     data = bytearray(layer.ciphertext)  # type: ignore[attr-defined]
     descriptor = dict(layer.descriptor)  # type: ignore[attr-defined]
@@ -241,31 +240,28 @@ def test_tampered_small_layer_writes_nothing(damage: str, tmp_path: Path) -> Non
     else:
         data += b"more"
         descriptor["size"] = len(data)
-    result = run_decoder(bytes(data), payload_bytes(descriptor), args)
+    return run_decoder(bytes(data), payload_bytes(descriptor), args)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
+def test_tampered_small_layer_writes_nothing(damage: str, tmp_path: Path) -> None:
+    """Up to FULL_HOLD the whole layer waits for both checks: not one byte gets out."""
+    plaintext = tar_gz_layer(400_000)
+    result = damaged_run(tmp_path, plaintext, damage)
     assert_failed(result, "HMAC check", plaintext=plaintext)
-    assert result.stdout == b""
+    assert result.stdout == b""  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "extend"])
 def test_tampered_layer_is_not_a_complete_stream(damage: str, tmp_path: Path) -> None:
     """Above FULL_HOLD a prefix goes out, cut inside a tar block and before the gzip trailer."""
     plaintext = tar_gz_layer(layercipher.FULL_HOLD + 400_000)
-    layer, args = layer_and_keys(tmp_path, plaintext)
-    data = bytearray(layer.ciphertext)  # type: ignore[attr-defined]
-    descriptor = dict(layer.descriptor)  # type: ignore[attr-defined]
-    if damage == "truncate":
-        del data[-5000:]
-        descriptor["size"] = len(data)
-    elif damage == "flip":
-        data[100_000] ^= 4
-    else:
-        data += b"more"
-        descriptor["size"] = len(data)
-    result = run_decoder(bytes(data), payload_bytes(descriptor), args)
+    result = damaged_run(tmp_path, plaintext, damage)
     assert_failed(result, "HMAC check", plaintext=plaintext)
-    assert len(result.stdout) % 512 == 1
+    stdout = result.stdout  # type: ignore[attr-defined]
+    assert len(stdout) % 512 == 1
     with pytest.raises((EOFError, OSError)):
-        gzip.decompress(result.stdout)
+        gzip.decompress(stdout)
 
 
 def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
