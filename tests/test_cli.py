@@ -573,3 +573,71 @@ def test_payload_writer_that_never_finishes(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert b"did not end within 1 s" in proc.stderr
     assert payload.PAYLOAD_TIMEOUT_SECONDS == 30.0
+
+
+# --- key providers: the configuration is accepted, provider-wrapped layers are refused ------
+
+
+def keyprovider_setup(tmp_path: Path, how: str) -> tuple[list[str], dict[str, str], Path]:
+    """Extra args and env naming a key-provider config (ocicrypt's format) whose provider
+    command would leave a marker file if anything ran it."""
+    marker = tmp_path / "provider-ran"
+    command = tmp_path / "provider.sh"
+    command.write_text(f"#!/bin/sh\ntouch '{marker}'\necho '{{}}'\n")
+    command.chmod(0o755)
+    config = tmp_path / "ocicrypt_keyprovider.conf"
+    config.write_text(json.dumps({
+        "key-providers": {
+            "kms": {"cmd": {"path": str(command), "args": []}},
+            "grpc-kms": {"grpc": "localhost:1"},
+        }
+    }))
+    missing = tmp_path / "no-such-keyprovider.conf"  # as containerd's default config names one
+    forms: dict[str, tuple[list[str], dict[str, str]]] = {
+        "flag": (["--keyprovider-config", str(config)], {}),
+        "flag=": ([f"--keyprovider-config={config}"], {}),
+        "env": ([], {"OCICRYPT_KEYPROVIDER_CONFIG": str(config)}),
+        "env, file missing": ([], {"OCICRYPT_KEYPROVIDER_CONFIG": str(missing)}),
+        "flag and env": (
+            ["-keyprovider-config", str(config)], {"OCICRYPT_KEYPROVIDER_CONFIG": str(missing)}
+        ),
+    }
+    args, env = forms[how]
+    return args, env, marker
+
+
+KEYPROVIDER_FORMS = ["flag", "flag=", "env", "env, file missing", "flag and env"]
+
+
+@pytest.mark.parametrize("how", KEYPROVIDER_FORMS)
+def test_keyprovider_config_is_accepted(how: str, tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(100_000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    extra, env, marker = keyprovider_setup(tmp_path, how)
+    result = run_decoder(
+        layer.ciphertext, payload_bytes(layer.descriptor), [*args, *extra], env=env  # type: ignore[attr-defined]
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", KEYPROVIDER_FORMS)
+def test_layer_wrapped_only_for_a_key_provider_is_refused(how: str, tmp_path: Path) -> None:
+    layer, args = layer_and_keys(tmp_path, tar_gz_layer(100_000))
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    del descriptor["annotations"][JWE_ANNOTATION]
+    wrapped = b64(json.dumps({"keyprovider": "kms", "wrapped": b64(os.urandom(64))}).encode())
+    descriptor["annotations"]["org.opencontainers.image.enc.keys.provider.kms"] = wrapped
+    extra, env, marker = keyprovider_setup(tmp_path, how)
+    result = run_decoder(
+        layer.ciphertext, payload_bytes(descriptor), [*args, *extra], env=env  # type: ignore[attr-defined]
+    )
+    assert_failed(
+        result,
+        f"no key opens layer {descriptor['digest']}",
+        "the layer is wrapped for: key provider 'kms' "
+        "(key providers are not supported by this version)",
+    )
+    assert result.stdout == b""
+    assert not marker.exists(), "the provider's command must not run"
