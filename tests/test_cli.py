@@ -641,3 +641,66 @@ def test_layer_wrapped_only_for_a_key_provider_is_refused(how: str, tmp_path: Pa
     )
     assert result.stdout == b""
     assert not marker.exists(), "the provider's command must not run"
+
+
+# --- the no-key error is the same text on every run ------------------------------------------
+
+
+def test_no_key_error_is_identical_across_hash_seeds(tmp_path: Path) -> None:
+    """Nothing in the message may depend on set or dict iteration order, which
+    PYTHONHASHSEED changes: operators diff these lines and grep logs for them."""
+    from tests.support import wrap_jwe
+
+    layer = encrypt_layer(tar_gz_layer(1000), [KEYS / "rsa2048.pub.pem", KEYS / "ec384.pub.pem"])
+    descriptor = json.loads(json.dumps(layer.descriptor))
+    annotations = descriptor["annotations"]
+    second = wrap_jwe(b'{"symkey":""}', [KEYS / "ec256.pub.pem", KEYS / "rsa4096.pub.pem"])
+    annotations[JWE_ANNOTATION] += f",{b64(second)},{b64(b'{}')}"
+    alice = json.loads((Path(__file__).parent / "assets" / "pkcs7" / "alice.json").read_text())
+    annotations["org.opencontainers.image.enc.keys.pkcs7"] = alice["annotations"][
+        "org.opencontainers.image.enc.keys.pkcs7"
+    ]
+    annotations["org.opencontainers.image.enc.keys.pgp"] = b64(b"pgp packet")
+    annotations["org.opencontainers.image.enc.keys.provider.zeta"] = b64(b"{}")
+    annotations["org.opencontainers.image.enc.keys.provider.alpha"] = b64(b"{}")
+    annotations["org.opencontainers.image.enc.keys.zzz-unknown"] = b64(b"?")
+
+    keys = key_dir(
+        tmp_path, "other-rsa2048.pem", "ec521-sec1.pem", "ec256-pkcs8-costly-scrypt.pem",
+        "rsa2048.pub.pem", "rsa2048-pkcs8-encrypted.pem", "ed25519.pem",
+    )
+    (keys / "README").write_text("node keys\n")
+    (keys / "empty").write_bytes(b"")
+    (keys / "sub" / "deeper").mkdir(parents=True)
+    (keys / "sub" / "b.pem").write_bytes((KEYS / "ec384-sec1.pem").read_bytes().replace(
+        b"BEGIN EC PRIVATE KEY", b"BEGIN EC PRIVATE KEX"))
+    (keys / "sub" / "a.der").write_bytes((KEYS / "ec521-sec1.der").read_bytes())
+    (keys / "sub" / "deeper" / "notes.txt").write_text("x")
+    (keys / "sub" / "loop").symlink_to("..")
+    second_dir = tmp_path / "more-keys"
+    second_dir.mkdir()
+    (second_dir / "bob.pem").write_bytes(
+        (Path(__file__).parent / "assets" / "pkcs7" / "bob-key.pem").read_bytes()
+    )
+    params = {"privkeys": [b64((KEYS / "ec384-pkcs8.pem").read_bytes().replace(b"A", b"B")),
+                           b64((KEYS / "ec521-pkcs8.pem").read_bytes())]}
+    args = [*args_for(keys), *args_for(second_dir), *args_for(tmp_path / "absent")]
+    payload = payload_bytes(descriptor, params)
+
+    results = [
+        run_decoder(layer.ciphertext, payload, args, env={"PYTHONHASHSEED": seed})
+        for seed in ("0", "1", "12345", "4294967295")
+    ]
+    for result in results:
+        assert_failed(
+            result,
+            f"no key opens layer {descriptor['digest']}",
+            "keys tried: ",
+            "skipped: ",
+            "the layer is wrapped for: JWE (5 recipients: ",
+            "key provider 'alpha'",
+            "key provider 'zeta'",
+            "JWE 3 is malformed",
+        )
+        assert result.stdout == b""
+    assert len({r.stderr for r in results}) == 1, [r.stderr for r in results]
