@@ -147,6 +147,8 @@ def test_secret_volume_layout(tmp_path: Path) -> None:
 
 
 def assert_failed(result: object, *fragments: str, plaintext: bytes | None = None) -> None:
+    """Exit 1, one `ctd-decoder: ` line holding the fragments, no traceback; and stdout empty,
+    or (with `plaintext`, for failures found after release began) never the whole layer."""
     from tests.support import Result
 
     assert isinstance(result, Result)
@@ -155,7 +157,9 @@ def assert_failed(result: object, *fragments: str, plaintext: bytes | None = Non
     assert result.stderr.count("\n") == 1, "one line on stderr"
     for fragment in fragments:
         assert fragment in result.stderr
-    if plaintext is not None:
+    if plaintext is None:
+        assert result.stdout == b"", f"{len(result.stdout)} bytes on stdout"
+    else:
         assert result.stdout != plaintext and len(result.stdout) < len(plaintext)
     assert "Traceback" not in result.stderr
 
@@ -252,6 +256,9 @@ def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
     layer, args = layer_and_keys(tmp_path, plaintext)
     result = run_decoder(layer.ciphertext[:-10], payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
     assert_failed(result, "stdin ended after", "descriptor gives", plaintext=plaintext)
+    assert len(result.stdout) % 512 == 1
+    with pytest.raises((EOFError, OSError)):
+        gzip.decompress(result.stdout)
 
 
 def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
@@ -571,7 +578,9 @@ def test_payload_writer_that_never_finishes(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 1
-    assert b"did not end within 1 s" in proc.stderr
+    assert proc.stdout == b""
+    assert proc.stderr.startswith(b"ctd-decoder: the payload on fd 3 did not end within 1 s")
+    assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
     assert payload.PAYLOAD_TIMEOUT_SECONDS == 30.0
 
 
