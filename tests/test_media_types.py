@@ -119,3 +119,72 @@ def test_a_descriptor_without_a_media_type_is_refused(tmp_path: Path) -> None:
     assert result.stdout == b""
     assert result.stderr.startswith("ctd-decoder: layer media type (none) is not an encrypted")
     assert result.stderr.count("\n") == 1
+
+
+# --- STREAM_PROCESSOR_MEDIATYPE: containerd's view of the layer type, beside the payload's ----
+
+MEDIA_TYPE_ENV = "STREAM_PROCESSOR_MEDIATYPE"
+
+
+@pytest.mark.parametrize(
+    "passed",
+    [f"{OCI}+gzip+encrypted", f"{OCI}+gzip", "application/octet-stream", ""],
+)
+def test_the_descriptor_media_type_decides_not_the_env(passed: str, tmp_path: Path) -> None:
+    """containerd sets STREAM_PROCESSOR_MEDIATYPE to the type it matched the processor by;
+    the decoder goes by the descriptor in the payload, so a disagreement does not stop it."""
+    media_type = f"{OCI}+zstd+encrypted"
+    plaintext = plaintext_for(media_type)
+    layer = encrypt_layer(plaintext, [KEYS / "ec256.pub.pem"], media_type=media_type)
+    args = ["--decryption-keys-path", str(key_dir(tmp_path, "ec256-sec1.pem"))]
+    result = run_decoder(
+        layer.ciphertext, payload_bytes(layer.descriptor), args, env={MEDIA_TYPE_ENV: passed}
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext
+
+
+def refused_with_env(media_type: str, passed: str | None, tmp_path: Path) -> str:
+    layer = encrypt_layer(tar_bytes(1000), [KEYS / "ec256.pub.pem"], media_type=media_type)
+    args = ["--decryption-keys-path", str(key_dir(tmp_path, "ec256-sec1.pem"))]
+    env = {} if passed is None else {MEDIA_TYPE_ENV: passed}
+    assert passed is not None or MEDIA_TYPE_ENV not in os.environ
+    result = run_decoder(layer.ciphertext, payload_bytes(layer.descriptor), args, env=env)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.startswith(
+        f"ctd-decoder: layer media type {media_type} is not an encrypted layer type"
+    )
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n")
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("media_type", "passed"),
+    [
+        (f"{OCI}+gzip", f"{OCI}+gzip+encrypted"),
+        ("application/vnd.wasm.content.layer.v1+wasm+encrypted", f"{OCI}+encrypted"),
+        (f"{OCI}+gzip", "application/octet-stream"),
+    ],
+)
+def test_an_unsupported_type_names_what_containerd_passed_when_they_differ(
+    media_type: str, passed: str, tmp_path: Path
+) -> None:
+    line = refused_with_env(media_type, passed, tmp_path)
+    assert f"(containerd passed {MEDIA_TYPE_ENV}={passed})" in line
+    assert line.count(MEDIA_TYPE_ENV) == 1
+
+
+@pytest.mark.parametrize("passed", [None, "", f"{OCI}+gzip"], ids=["unset", "empty", "same"])
+def test_the_env_is_not_mentioned_when_it_agrees_or_is_absent(
+    passed: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(MEDIA_TYPE_ENV, raising=False)
+    line = refused_with_env(f"{OCI}+gzip", passed, tmp_path)
+    assert MEDIA_TYPE_ENV not in line
+
+
+def test_a_hostile_env_value_stays_on_one_line(tmp_path: Path) -> None:
+    line = refused_with_env(f"{OCI}+gzip", "x\ny\x1b[31m", tmp_path)
+    assert f"(containerd passed {MEDIA_TYPE_ENV}=x\\ny\\x1b[31m)" in line
+    assert "\x1b" not in line
