@@ -43,7 +43,7 @@ from tests.layouts import (
     to_archive,
     tree_state,
 )
-from tests.support import ASSETS, KEYS, skopeo_fixture
+from tests.support import ASSETS, KEYS, key_dir, payload_bytes, run_decoder, skopeo_fixture
 
 JWE_KEYS = "org.opencontainers.image.enc.keys.jwe"
 PUBOPTS = "org.opencontainers.image.enc.pubopts"
@@ -156,6 +156,39 @@ def test_encrypt_round_trips_through_the_decoder(
     assert options["digest"] == digest(layers[0].data)
     header = jwe.parse(base64.b64decode(layer["annotations"][JWE_KEYS])).recipients[0].header
     assert header["alg"] == alg
+
+
+@pytest.mark.parametrize(("public", "pem", "private"), [
+    ("rsa2048.pub.der", "rsa2048.pub.pem", "rsa2048-pkcs1.pem"),
+    ("ec256.pub.der", "ec256.pub.pem", "ec256-sec1.pem"),
+])
+def test_der_public_key_recipient_round_trips_through_the_decoder_cli(
+    encoder: Encoder, tmp_path: Path, public: str, pem: str, private: str
+) -> None:
+    """A `jwe:` recipient as DER SubjectPublicKeyInfo (openssl pkey -pubin -outform DER):
+    the layer it encrypts comes back whole from `python -m decoder` as containerd runs it."""
+    der = (KEYS / public).read_bytes()
+    assert der[0] == 0x30 and b"-----BEGIN" not in der
+    plaintext = Layer(os.urandom(150_000))
+    simple_image(tmp_path / "src", [plaintext])
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / public}", f"oci:{tmp_path / 'src'}",
+               f"oci:{tmp_path / 'dst'}"))
+    out = Reader(tmp_path / "dst")
+    (layer,) = out.manifest()["layers"]
+    assert layer["mediaType"] == GZIP + "+encrypted"
+    blob = base64.b64decode(layer["annotations"][JWE_KEYS])
+    (recipient,) = jwe.parse(blob).recipients
+    assert recipient.header["kid"] == jwk.JWK.from_pem((KEYS / pem).read_bytes()).thumbprint()
+    keys = key_dir(tmp_path, private)
+    result = run_decoder(out.blob(layer["digest"]), payload_bytes(layer),
+                         ["--decryption-keys-path", str(keys)])
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext.data
+    (tmp_path / "other").mkdir()
+    other = run_decoder(out.blob(layer["digest"]), payload_bytes(layer), [
+        "--decryption-keys-path", str(key_dir(tmp_path / "other", "ec521-sec1.pem"))])
+    assert (other.returncode, other.stdout) == (1, b"")
+    assert "no key opens layer" in other.stderr
 
 
 def test_kid_is_the_rfc7638_thumbprint_and_jwcrypto_decrypts(
