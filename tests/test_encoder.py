@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -716,6 +717,80 @@ def test_layerinfo_names_recipients_and_the_keys_that_open(
     assert f"jwe: RSA-OAEP kid {rsa_kid}" in text
     assert "not encrypted" in text
     assert "platform linux/amd64" in text
+
+
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_LAYER_ROW = re.compile(
+    r"^ +(\d+)  (sha256:[0-9a-f]{64}) +(\d+(?:\.\d)?) (B|KiB|MiB|GiB)  (\S+)$"
+)
+_PLATFORM_ROW = re.compile(r"^platform (\S+), manifest (sha256:[0-9a-f]{64})$")
+
+
+Row = tuple[int, str, float, str, str]  # index, digest, size, unit, media type
+
+
+def parse_layerinfo_text(text: str) -> list[tuple[str, str, list[Row]]]:
+    """(platform, manifest digest, layer rows) per platform section of layerinfo's table."""
+    sections: list[tuple[str, str, list[Row]]] = []
+    for line in text.splitlines():
+        if platform := _PLATFORM_ROW.match(line):
+            sections.append((platform[1], platform[2], []))
+        elif row := _LAYER_ROW.match(line):
+            sections[-1][2].append((int(row[1]), row[2], float(row[3]), row[4], row[5]))
+    return sections
+
+
+def assert_size_shown(value: float, unit: str, size: int) -> None:
+    if unit == "B":
+        assert value == size
+    else:
+        assert abs(value * _UNITS[unit] - size) <= 0.05 * _UNITS[unit], (value, unit, size)
+        assert size >= _UNITS[unit] and value < 1024, "the largest unit that fits"
+
+
+def test_layerinfo_rows_match_the_manifests(encoder: Encoder, tmp_path: Path) -> None:
+    builder = LayoutBuilder(tmp_path / "src")
+    amd64 = builder.manifest([Layer(os.urandom(700), GZIP), Layer(os.urandom(5000), ZSTD),
+                              Layer(os.urandom(3 << 20), TAR), Layer(os.urandom(1500), GZIP)])
+    arm64 = builder.manifest([Layer(os.urandom(90_000), GZIP), Layer(os.urandom(200), GZIP),
+                              Layer(os.urandom(2 << 20), ZSTD)], arch="arm64")
+    builder.add(builder.index([(amd64, "linux/amd64"), (arm64, "linux/arm64")]), "multi")
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "0",
+               "--layer", "2", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    out = Reader(tmp_path / "enc")
+    entry = out.entry("multi")
+    children = out.json(entry["digest"])["manifests"]
+    expected = [
+        (f"{c['platform']['os']}/{c['platform']['architecture']}", c["digest"],
+         out.json(c["digest"])["layers"])
+        for c in children
+    ]
+    assert [la["mediaType"] for la in expected[0][2]] == [
+        GZIP + "+encrypted", ZSTD, TAR + "+encrypted", GZIP]
+    assert [la["mediaType"] for la in expected[1][2]] == [
+        GZIP + "+encrypted", GZIP, ZSTD + "+encrypted"]
+
+    info = json.loads(ok(encoder("layerinfo", "--json", f"oci:{tmp_path / 'enc'}")).stdout)
+    assert info["digest"] == entry["digest"]
+    assert [(m["platform"], m["manifest"]) for m in info["manifests"]] == [
+        (platform, digest_) for platform, digest_, _ in expected]
+    for manifest, (_, _, layers) in zip(info["manifests"], expected, strict=True):
+        assert [(la["index"], la["digest"], la["size"], la["mediaType"])
+                for la in manifest["layers"]] == [
+            (i, la["digest"], la["size"], la["mediaType"]) for i, la in enumerate(layers)]
+        assert [la["encrypted"] for la in manifest["layers"]] == [
+            la["mediaType"].endswith("+encrypted") for la in layers]
+
+    text = ok(encoder("layerinfo", f"oci:{tmp_path / 'enc'}")).stdout
+    assert text.splitlines()[0] == f"oci:{tmp_path / 'enc'} ({entry['digest']})"
+    sections = parse_layerinfo_text(text)
+    assert [(p, d) for p, d, _ in sections] == [(p, d) for p, d, _ in expected]
+    for (_, _, rows), (_, _, layers) in zip(sections, expected, strict=True):
+        assert [(i, d, t) for i, d, _, _, t in rows] == [
+            (i, la["digest"], la["mediaType"]) for i, la in enumerate(layers)]
+        for (_, _, value, unit, _), layer in zip(rows, layers, strict=True):
+            assert_size_shown(value, unit, layer["size"])
+    assert {unit for _, _, rows in sections for *_, unit, _ in rows} == {"B", "KiB", "MiB"}
 
 
 def test_layerinfo_on_a_skopeo_layer_has_no_kid(encoder: Encoder, tmp_path: Path) -> None:
