@@ -350,6 +350,66 @@ def test_platform_selection_keeps_the_other_manifests(encoder: Encoder, tmp_path
     assert all(la["mediaType"] == GZIP + "+encrypted" for la in arm_layers)
 
 
+def arm_variants_image(root: Path) -> dict[str, dict[str, Any]]:
+    """An index with linux/amd64, linux/arm/v6 and linux/arm/v7; their index entries."""
+    builder = LayoutBuilder(root)
+    manifests = {
+        "linux/amd64": builder.manifest(random_layers(1), arch="amd64"),
+        "linux/arm/v6": builder.manifest(random_layers(2), arch="arm"),
+        "linux/arm/v7": builder.manifest(random_layers(2, 4000), arch="arm"),
+    }
+    index = builder.index([(d, p) for p, d in manifests.items()])
+    builder.add(index, "multi")
+    children = Reader(root).json(index["digest"])["manifests"]
+    return {platform: child for platform, child in zip(manifests, children, strict=True)}
+
+
+def platform_name(platform: dict[str, str]) -> str:
+    return "/".join(platform[k] for k in ("os", "architecture", "variant") if k in platform)
+
+
+@pytest.mark.parametrize(("chosen", "changed"), [
+    ("linux/arm/v7", {"linux/arm/v7"}),
+    ("linux/arm/v6", {"linux/arm/v6"}),
+    ("linux/arm", {"linux/arm/v6", "linux/arm/v7"}),  # no variant: every variant of arm
+])
+def test_platform_variant_selects_only_its_manifest(
+    encoder: Encoder, tmp_path: Path, chosen: str, changed: set[str]
+) -> None:
+    before = arm_variants_image(tmp_path / "src")
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--platform", chosen,
+               f"oci:{tmp_path / 'src'}:multi", f"oci:{tmp_path / 'dst'}:multi"))
+    out = Reader(tmp_path / "dst")
+    out.check_complete()
+    after = {platform_name(c["platform"]): c
+             for c in out.json(out.entry("multi")["digest"])["manifests"]}
+    assert list(after) == list(before), "same platforms, same order"
+    for platform, entry in after.items():
+        layers = out.json(entry["digest"])["layers"]
+        source_layers = Reader(tmp_path / "src").json(before[platform]["digest"])["layers"]
+        if platform in changed:
+            assert entry["digest"] != before[platform]["digest"]
+            assert entry["platform"] == before[platform]["platform"]
+            assert all(la["mediaType"] == GZIP + "+encrypted" for la in layers)
+            assert len(layers) == len(source_layers)
+        else:
+            assert entry == before[platform], f"{platform} is kept byte for byte"
+            assert layers == source_layers
+    info = json.loads(ok(encoder("layerinfo", "--json", "--platform", chosen,
+                                 f"oci:{tmp_path / 'dst'}:multi")).stdout)
+    assert sorted(m["platform"] for m in info["manifests"]) == sorted(changed)
+    assert all(la["encrypted"] for m in info["manifests"] for la in m["layers"])
+
+
+def test_an_absent_variant_is_refused(encoder: Encoder, tmp_path: Path) -> None:
+    arm_variants_image(tmp_path / "src")
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    "--platform", "linux/arm/v8", f"oci:{tmp_path / 'src'}:multi",
+                    f"oci:{tmp_path / 'dst'}:multi"),
+            "platform linux/arm/v8 is not in", "linux/arm/v6", "linux/arm/v7")
+    assert not (tmp_path / "dst").exists()
+
+
 def test_all_platforms_by_default(encoder: Encoder, tmp_path: Path) -> None:
     two_platform_image(tmp_path / "src")
     ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "-1",
