@@ -890,6 +890,74 @@ def test_progress_line_only_on_a_terminal() -> None:
     assert plain.start("x", 1 << 30) is None
 
 
+# ctd-encoder's own main(), with the half-second before the first draw removed, so that a
+# small layer is enough; everything else (isatty, the reporter, the encrypt path) is as run.
+_ENCODER_WITHOUT_DELAY = (
+    "import sys; from decoder import encode_cli; encode_cli.TerminalReporter.DELAY = 0.0; "
+    "sys.exit(encode_cli.main(sys.argv[1:]))"
+)
+_PROGRESS = re.compile(
+    r"\rencrypting layer 0 of linux/amd64: +(\d+)% of 3 MiB, \d+ MiB/s\x1b\[K"
+)
+
+
+def encrypt_command(tmp_path: Path) -> list[str]:
+    simple_image(tmp_path / "src", [Layer(os.urandom(3 << 20))])
+    return [sys.executable, "-c", _ENCODER_WITHOUT_DELAY, "encrypt",
+            "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+            f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"]
+
+
+def test_encrypt_draws_progress_when_stderr_is_a_terminal(tmp_path: Path) -> None:
+    import threading
+
+    command = encrypt_command(tmp_path)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=slave)
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every slave end is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        reader.join(timeout=30)
+        os.close(master)
+    terminal = b"".join(chunks).decode()
+    assert proc.returncode == 0, terminal
+    percents = [int(p) for p in _PROGRESS.findall(terminal)]
+    assert percents and percents[-1] == 100, repr(terminal)
+    assert percents == sorted(percents)
+    assert terminal.endswith("\r\x1b[K"), "the line is cleared when the layer is done"
+    assert "\n" not in terminal, "progress stays on one line"
+    assert "encrypting" not in stdout.decode()
+    assert "layer 0: " in stdout.decode() and "wrote oci:" in stdout.decode()
+
+
+def test_encrypt_draws_no_progress_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    command = encrypt_command(tmp_path)
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "layer 0: " in result.stdout and "wrote oci:" in result.stdout
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    Reader(tmp_path / "dst").check_complete()
+
+
 def test_console_script_help_version_and_errors(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("ctd-encoder")
     version = subprocess.run([script, "--version"], capture_output=True, text=True, check=False)
