@@ -4,13 +4,14 @@ payload (fd 3) -> media-type gate -> public options -> keys -> unwrap -> layer c
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 from decoder import keywrap, layercipher
 from decoder.errors import LayerOptionsError
 from decoder.keys import load_keyring
 from decoder.payload import parse_payload, read_payload_fd
-from decoder.spec import ENCRYPTED_TO_PLAIN
+from decoder.spec import ENCRYPTED_TO_PLAIN, MEDIA_TYPE_ENV
 
 
 class Options(NamedTuple):
@@ -22,12 +23,18 @@ class Options(NamedTuple):
     spool_directory: str | None = None
 
 
-def check_media_type(media_type: str) -> None:
+def check_media_type(media_type: str, passed: str | None = None) -> None:
+    """Refuse a descriptor type we cannot decrypt; `passed` is containerd's own view of the
+    type (STREAM_PROCESSOR_MEDIATYPE), named in the error when it differs."""
     if media_type not in ENCRYPTED_TO_PLAIN:
         shown = media_type or "(none)"
+        differs = ""
+        if passed and passed != media_type:
+            differs = f" (containerd passed {MEDIA_TYPE_ENV}={passed})"
         raise LayerOptionsError(
-            f"layer media type {shown} is not an encrypted layer type this decoder handles; "
-            "expected an OCI or Docker tar, tar+gzip or tar+zstd type ending in +encrypted"
+            f"layer media type {shown} is not an encrypted layer type this decoder handles"
+            f"{differs}; expected an OCI or Docker tar, tar+gzip or tar+zstd type ending in "
+            "+encrypted"
         )
 
 
@@ -35,7 +42,7 @@ def run(options: Options, in_fd: int = 0, out_fd: int = 1) -> list[str]:
     """Decrypt one layer from in_fd to out_fd. Returns warnings for stderr."""
     payload = parse_payload(read_payload_fd())
     descriptor = payload.descriptor
-    check_media_type(descriptor.media_type)
+    check_media_type(descriptor.media_type, os.environ.get(MEDIA_TYPE_ENV))
     public = layercipher.parse_public_options(descriptor.annotations)
     layercipher.check_public_options(public)
     ring = load_keyring(options.key_directories, payload.parameters)

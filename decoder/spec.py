@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 PAYLOAD_TYPE_URL = "io.containerd.ocicrypt.v1.Payload"
+# containerd sets this in a stream processor's environment to the media type it matched
+MEDIA_TYPE_ENV = "STREAM_PROCESSOR_MEDIATYPE"
 
 ANNOTATION_PREFIX = "org.opencontainers.image.enc."
 KEYS_ANNOTATION_PREFIX = "org.opencontainers.image.enc.keys."

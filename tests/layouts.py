@@ -84,8 +84,11 @@ class LayoutBuilder:
     def index(self, manifests: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
         children = []
         for descriptor, platform in manifests:
-            os_name, arch = platform.split("/")[:2]
-            children.append({**descriptor, "platform": {"architecture": arch, "os": os_name}})
+            os_name, arch, *variant = platform.split("/")
+            fields = {"architecture": arch, "os": os_name}
+            if variant:
+                fields["variant"] = variant[0]
+            children.append({**descriptor, "platform": fields})
         return self.json_blob({"schemaVersion": 2, "mediaType": OCI_INDEX,
                                "manifests": children}, OCI_INDEX)
 

@@ -147,6 +147,8 @@ def test_secret_volume_layout(tmp_path: Path) -> None:
 
 
 def assert_failed(result: object, *fragments: str, plaintext: bytes | None = None) -> None:
+    """Exit 1, one `ctd-decoder: ` line holding the fragments, no traceback; and stdout empty,
+    or (with `plaintext`, for failures found after release began) never the whole layer."""
     from tests.support import Result
 
     assert isinstance(result, Result)
@@ -155,7 +157,9 @@ def assert_failed(result: object, *fragments: str, plaintext: bytes | None = Non
     assert result.stderr.count("\n") == 1, "one line on stderr"
     for fragment in fragments:
         assert fragment in result.stderr
-    if plaintext is not None:
+    if plaintext is None:
+        assert result.stdout == b"", f"{len(result.stdout)} bytes on stdout"
+    else:
         assert result.stdout != plaintext and len(result.stdout) < len(plaintext)
     assert "Traceback" not in result.stderr
 
@@ -269,6 +273,9 @@ def test_size_mismatch_with_descriptor(tmp_path: Path) -> None:
     layer, args = layer_and_keys(tmp_path, plaintext)
     result = run_decoder(layer.ciphertext[:-10], payload_bytes(layer.descriptor), args)  # type: ignore[attr-defined]
     assert_failed(result, "stdin ended after", "descriptor gives", plaintext=plaintext)
+    assert len(result.stdout) % 512 == 1
+    with pytest.raises((EOFError, OSError)):
+        gzip.decompress(result.stdout)
 
 
 def test_digest_mismatch_uncompressed_tar(tmp_path: Path) -> None:
@@ -588,5 +595,138 @@ def test_payload_writer_that_never_finishes(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 1
-    assert b"did not end within 1 s" in proc.stderr
+    assert proc.stdout == b""
+    assert proc.stderr.startswith(b"ctd-decoder: the payload on fd 3 did not end within 1 s")
+    assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
     assert payload.PAYLOAD_TIMEOUT_SECONDS == 30.0
+
+
+# --- key providers: the configuration is accepted, provider-wrapped layers are refused ------
+
+
+def keyprovider_setup(tmp_path: Path, how: str) -> tuple[list[str], dict[str, str], Path]:
+    """Extra args and env naming a key-provider config (ocicrypt's format) whose provider
+    command would leave a marker file if anything ran it."""
+    marker = tmp_path / "provider-ran"
+    command = tmp_path / "provider.sh"
+    command.write_text(f"#!/bin/sh\ntouch '{marker}'\necho '{{}}'\n")
+    command.chmod(0o755)
+    config = tmp_path / "ocicrypt_keyprovider.conf"
+    config.write_text(json.dumps({
+        "key-providers": {
+            "kms": {"cmd": {"path": str(command), "args": []}},
+            "grpc-kms": {"grpc": "localhost:1"},
+        }
+    }))
+    missing = tmp_path / "no-such-keyprovider.conf"  # as containerd's default config names one
+    forms: dict[str, tuple[list[str], dict[str, str]]] = {
+        "flag": (["--keyprovider-config", str(config)], {}),
+        "flag=": ([f"--keyprovider-config={config}"], {}),
+        "env": ([], {"OCICRYPT_KEYPROVIDER_CONFIG": str(config)}),
+        "env, file missing": ([], {"OCICRYPT_KEYPROVIDER_CONFIG": str(missing)}),
+        "flag and env": (
+            ["-keyprovider-config", str(config)], {"OCICRYPT_KEYPROVIDER_CONFIG": str(missing)}
+        ),
+    }
+    args, env = forms[how]
+    return args, env, marker
+
+
+KEYPROVIDER_FORMS = ["flag", "flag=", "env", "env, file missing", "flag and env"]
+
+
+@pytest.mark.parametrize("how", KEYPROVIDER_FORMS)
+def test_keyprovider_config_is_accepted(how: str, tmp_path: Path) -> None:
+    plaintext = tar_gz_layer(100_000)
+    layer, args = layer_and_keys(tmp_path, plaintext)
+    extra, env, marker = keyprovider_setup(tmp_path, how)
+    result = run_decoder(
+        layer.ciphertext, payload_bytes(layer.descriptor), [*args, *extra], env=env  # type: ignore[attr-defined]
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", KEYPROVIDER_FORMS)
+def test_layer_wrapped_only_for_a_key_provider_is_refused(how: str, tmp_path: Path) -> None:
+    layer, args = layer_and_keys(tmp_path, tar_gz_layer(100_000))
+    descriptor = json.loads(json.dumps(layer.descriptor))  # type: ignore[attr-defined]
+    del descriptor["annotations"][JWE_ANNOTATION]
+    wrapped = b64(json.dumps({"keyprovider": "kms", "wrapped": b64(os.urandom(64))}).encode())
+    descriptor["annotations"]["org.opencontainers.image.enc.keys.provider.kms"] = wrapped
+    extra, env, marker = keyprovider_setup(tmp_path, how)
+    result = run_decoder(
+        layer.ciphertext, payload_bytes(descriptor), [*args, *extra], env=env  # type: ignore[attr-defined]
+    )
+    assert_failed(
+        result,
+        f"no key opens layer {descriptor['digest']}",
+        "the layer is wrapped for: key provider 'kms' "
+        "(key providers are not supported by this version)",
+    )
+    assert result.stdout == b""
+    assert not marker.exists(), "the provider's command must not run"
+
+
+# --- the no-key error is the same text on every run ------------------------------------------
+
+
+def test_no_key_error_is_identical_across_hash_seeds(tmp_path: Path) -> None:
+    """Nothing in the message may depend on set or dict iteration order, which
+    PYTHONHASHSEED changes: operators diff these lines and grep logs for them."""
+    from tests.support import wrap_jwe
+
+    layer = encrypt_layer(tar_gz_layer(1000), [KEYS / "rsa2048.pub.pem", KEYS / "ec384.pub.pem"])
+    descriptor = json.loads(json.dumps(layer.descriptor))
+    annotations = descriptor["annotations"]
+    second = wrap_jwe(b'{"symkey":""}', [KEYS / "ec256.pub.pem", KEYS / "rsa4096.pub.pem"])
+    annotations[JWE_ANNOTATION] += f",{b64(second)},{b64(b'{}')}"
+    alice = json.loads((Path(__file__).parent / "assets" / "pkcs7" / "alice.json").read_text())
+    annotations["org.opencontainers.image.enc.keys.pkcs7"] = alice["annotations"][
+        "org.opencontainers.image.enc.keys.pkcs7"
+    ]
+    annotations["org.opencontainers.image.enc.keys.pgp"] = b64(b"pgp packet")
+    annotations["org.opencontainers.image.enc.keys.provider.zeta"] = b64(b"{}")
+    annotations["org.opencontainers.image.enc.keys.provider.alpha"] = b64(b"{}")
+    annotations["org.opencontainers.image.enc.keys.zzz-unknown"] = b64(b"?")
+
+    keys = key_dir(
+        tmp_path, "other-rsa2048.pem", "ec521-sec1.pem", "ec256-pkcs8-costly-scrypt.pem",
+        "rsa2048.pub.pem", "rsa2048-pkcs8-encrypted.pem", "ed25519.pem",
+    )
+    (keys / "README").write_text("node keys\n")
+    (keys / "empty").write_bytes(b"")
+    (keys / "sub" / "deeper").mkdir(parents=True)
+    (keys / "sub" / "b.pem").write_bytes((KEYS / "ec384-sec1.pem").read_bytes().replace(
+        b"BEGIN EC PRIVATE KEY", b"BEGIN EC PRIVATE KEX"))
+    (keys / "sub" / "a.der").write_bytes((KEYS / "ec521-sec1.der").read_bytes())
+    (keys / "sub" / "deeper" / "notes.txt").write_text("x")
+    (keys / "sub" / "loop").symlink_to("..")
+    second_dir = tmp_path / "more-keys"
+    second_dir.mkdir()
+    (second_dir / "bob.pem").write_bytes(
+        (Path(__file__).parent / "assets" / "pkcs7" / "bob-key.pem").read_bytes()
+    )
+    params = {"privkeys": [b64((KEYS / "ec384-pkcs8.pem").read_bytes().replace(b"A", b"B")),
+                           b64((KEYS / "ec521-pkcs8.pem").read_bytes())]}
+    args = [*args_for(keys), *args_for(second_dir), *args_for(tmp_path / "absent")]
+    payload = payload_bytes(descriptor, params)
+
+    results = [
+        run_decoder(layer.ciphertext, payload, args, env={"PYTHONHASHSEED": seed})
+        for seed in ("0", "1", "12345", "4294967295")
+    ]
+    for result in results:
+        assert_failed(
+            result,
+            f"no key opens layer {descriptor['digest']}",
+            "keys tried: ",
+            "skipped: ",
+            "the layer is wrapped for: JWE (5 recipients: ",
+            "key provider 'alpha'",
+            "key provider 'zeta'",
+            "JWE 3 is malformed",
+        )
+        assert result.stdout == b""
+    assert len({r.stderr for r in results}) == 1, [r.stderr for r in results]

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -43,7 +44,7 @@ from tests.layouts import (
     to_archive,
     tree_state,
 )
-from tests.support import ASSETS, KEYS, skopeo_fixture
+from tests.support import ASSETS, KEYS, key_dir, payload_bytes, run_decoder, skopeo_fixture
 
 JWE_KEYS = "org.opencontainers.image.enc.keys.jwe"
 PUBOPTS = "org.opencontainers.image.enc.pubopts"
@@ -156,6 +157,39 @@ def test_encrypt_round_trips_through_the_decoder(
     assert options["digest"] == digest(layers[0].data)
     header = jwe.parse(base64.b64decode(layer["annotations"][JWE_KEYS])).recipients[0].header
     assert header["alg"] == alg
+
+
+@pytest.mark.parametrize(("public", "pem", "private"), [
+    ("rsa2048.pub.der", "rsa2048.pub.pem", "rsa2048-pkcs1.pem"),
+    ("ec256.pub.der", "ec256.pub.pem", "ec256-sec1.pem"),
+])
+def test_der_public_key_recipient_round_trips_through_the_decoder_cli(
+    encoder: Encoder, tmp_path: Path, public: str, pem: str, private: str
+) -> None:
+    """A `jwe:` recipient as DER SubjectPublicKeyInfo (openssl pkey -pubin -outform DER):
+    the layer it encrypts comes back whole from `python -m decoder` as containerd runs it."""
+    der = (KEYS / public).read_bytes()
+    assert der[0] == 0x30 and b"-----BEGIN" not in der
+    plaintext = Layer(os.urandom(150_000))
+    simple_image(tmp_path / "src", [plaintext])
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / public}", f"oci:{tmp_path / 'src'}",
+               f"oci:{tmp_path / 'dst'}"))
+    out = Reader(tmp_path / "dst")
+    (layer,) = out.manifest()["layers"]
+    assert layer["mediaType"] == GZIP + "+encrypted"
+    blob = base64.b64decode(layer["annotations"][JWE_KEYS])
+    (recipient,) = jwe.parse(blob).recipients
+    assert recipient.header["kid"] == jwk.JWK.from_pem((KEYS / pem).read_bytes()).thumbprint()
+    keys = key_dir(tmp_path, private)
+    result = run_decoder(out.blob(layer["digest"]), payload_bytes(layer),
+                         ["--decryption-keys-path", str(keys)])
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext.data
+    (tmp_path / "other").mkdir()
+    other = run_decoder(out.blob(layer["digest"]), payload_bytes(layer), [
+        "--decryption-keys-path", str(key_dir(tmp_path / "other", "ec521-sec1.pem"))])
+    assert (other.returncode, other.stdout) == (1, b"")
+    assert "no key opens layer" in other.stderr
 
 
 def test_kid_is_the_rfc7638_thumbprint_and_jwcrypto_decrypts(
@@ -314,6 +348,66 @@ def test_platform_selection_keeps_the_other_manifests(encoder: Encoder, tmp_path
     assert by_arch["arm64"]["platform"] == {"architecture": "arm64", "os": "linux"}
     arm_layers = out.json(by_arch["arm64"]["digest"])["layers"]
     assert all(la["mediaType"] == GZIP + "+encrypted" for la in arm_layers)
+
+
+def arm_variants_image(root: Path) -> dict[str, dict[str, Any]]:
+    """An index with linux/amd64, linux/arm/v6 and linux/arm/v7; their index entries."""
+    builder = LayoutBuilder(root)
+    manifests = {
+        "linux/amd64": builder.manifest(random_layers(1), arch="amd64"),
+        "linux/arm/v6": builder.manifest(random_layers(2), arch="arm"),
+        "linux/arm/v7": builder.manifest(random_layers(2, 4000), arch="arm"),
+    }
+    index = builder.index([(d, p) for p, d in manifests.items()])
+    builder.add(index, "multi")
+    children = Reader(root).json(index["digest"])["manifests"]
+    return {platform: child for platform, child in zip(manifests, children, strict=True)}
+
+
+def platform_name(platform: dict[str, str]) -> str:
+    return "/".join(platform[k] for k in ("os", "architecture", "variant") if k in platform)
+
+
+@pytest.mark.parametrize(("chosen", "changed"), [
+    ("linux/arm/v7", {"linux/arm/v7"}),
+    ("linux/arm/v6", {"linux/arm/v6"}),
+    ("linux/arm", {"linux/arm/v6", "linux/arm/v7"}),  # no variant: every variant of arm
+])
+def test_platform_variant_selects_only_its_manifest(
+    encoder: Encoder, tmp_path: Path, chosen: str, changed: set[str]
+) -> None:
+    before = arm_variants_image(tmp_path / "src")
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--platform", chosen,
+               f"oci:{tmp_path / 'src'}:multi", f"oci:{tmp_path / 'dst'}:multi"))
+    out = Reader(tmp_path / "dst")
+    out.check_complete()
+    after = {platform_name(c["platform"]): c
+             for c in out.json(out.entry("multi")["digest"])["manifests"]}
+    assert list(after) == list(before), "same platforms, same order"
+    for platform, entry in after.items():
+        layers = out.json(entry["digest"])["layers"]
+        source_layers = Reader(tmp_path / "src").json(before[platform]["digest"])["layers"]
+        if platform in changed:
+            assert entry["digest"] != before[platform]["digest"]
+            assert entry["platform"] == before[platform]["platform"]
+            assert all(la["mediaType"] == GZIP + "+encrypted" for la in layers)
+            assert len(layers) == len(source_layers)
+        else:
+            assert entry == before[platform], f"{platform} is kept byte for byte"
+            assert layers == source_layers
+    info = json.loads(ok(encoder("layerinfo", "--json", "--platform", chosen,
+                                 f"oci:{tmp_path / 'dst'}:multi")).stdout)
+    assert sorted(m["platform"] for m in info["manifests"]) == sorted(changed)
+    assert all(la["encrypted"] for m in info["manifests"] for la in m["layers"])
+
+
+def test_an_absent_variant_is_refused(encoder: Encoder, tmp_path: Path) -> None:
+    arm_variants_image(tmp_path / "src")
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    "--platform", "linux/arm/v8", f"oci:{tmp_path / 'src'}:multi",
+                    f"oci:{tmp_path / 'dst'}:multi"),
+            "platform linux/arm/v8 is not in", "linux/arm/v6", "linux/arm/v7")
+    assert not (tmp_path / "dst").exists()
 
 
 def test_all_platforms_by_default(encoder: Encoder, tmp_path: Path) -> None:
@@ -685,6 +779,80 @@ def test_layerinfo_names_recipients_and_the_keys_that_open(
     assert "platform linux/amd64" in text
 
 
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_LAYER_ROW = re.compile(
+    r"^ +(\d+)  (sha256:[0-9a-f]{64}) +(\d+(?:\.\d)?) (B|KiB|MiB|GiB)  (\S+)$"
+)
+_PLATFORM_ROW = re.compile(r"^platform (\S+), manifest (sha256:[0-9a-f]{64})$")
+
+
+Row = tuple[int, str, float, str, str]  # index, digest, size, unit, media type
+
+
+def parse_layerinfo_text(text: str) -> list[tuple[str, str, list[Row]]]:
+    """(platform, manifest digest, layer rows) per platform section of layerinfo's table."""
+    sections: list[tuple[str, str, list[Row]]] = []
+    for line in text.splitlines():
+        if platform := _PLATFORM_ROW.match(line):
+            sections.append((platform[1], platform[2], []))
+        elif row := _LAYER_ROW.match(line):
+            sections[-1][2].append((int(row[1]), row[2], float(row[3]), row[4], row[5]))
+    return sections
+
+
+def assert_size_shown(value: float, unit: str, size: int) -> None:
+    if unit == "B":
+        assert value == size
+    else:
+        assert abs(value * _UNITS[unit] - size) <= 0.05 * _UNITS[unit], (value, unit, size)
+        assert size >= _UNITS[unit] and value < 1024, "the largest unit that fits"
+
+
+def test_layerinfo_rows_match_the_manifests(encoder: Encoder, tmp_path: Path) -> None:
+    builder = LayoutBuilder(tmp_path / "src")
+    amd64 = builder.manifest([Layer(os.urandom(700), GZIP), Layer(os.urandom(5000), ZSTD),
+                              Layer(os.urandom(3 << 20), TAR), Layer(os.urandom(1500), GZIP)])
+    arm64 = builder.manifest([Layer(os.urandom(90_000), GZIP), Layer(os.urandom(200), GZIP),
+                              Layer(os.urandom(2 << 20), ZSTD)], arch="arm64")
+    builder.add(builder.index([(amd64, "linux/amd64"), (arm64, "linux/arm64")]), "multi")
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "0",
+               "--layer", "2", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    out = Reader(tmp_path / "enc")
+    entry = out.entry("multi")
+    children = out.json(entry["digest"])["manifests"]
+    expected = [
+        (f"{c['platform']['os']}/{c['platform']['architecture']}", c["digest"],
+         out.json(c["digest"])["layers"])
+        for c in children
+    ]
+    assert [la["mediaType"] for la in expected[0][2]] == [
+        GZIP + "+encrypted", ZSTD, TAR + "+encrypted", GZIP]
+    assert [la["mediaType"] for la in expected[1][2]] == [
+        GZIP + "+encrypted", GZIP, ZSTD + "+encrypted"]
+
+    info = json.loads(ok(encoder("layerinfo", "--json", f"oci:{tmp_path / 'enc'}")).stdout)
+    assert info["digest"] == entry["digest"]
+    assert [(m["platform"], m["manifest"]) for m in info["manifests"]] == [
+        (platform, digest_) for platform, digest_, _ in expected]
+    for manifest, (_, _, layers) in zip(info["manifests"], expected, strict=True):
+        assert [(la["index"], la["digest"], la["size"], la["mediaType"])
+                for la in manifest["layers"]] == [
+            (i, la["digest"], la["size"], la["mediaType"]) for i, la in enumerate(layers)]
+        assert [la["encrypted"] for la in manifest["layers"]] == [
+            la["mediaType"].endswith("+encrypted") for la in layers]
+
+    text = ok(encoder("layerinfo", f"oci:{tmp_path / 'enc'}")).stdout
+    assert text.splitlines()[0] == f"oci:{tmp_path / 'enc'} ({entry['digest']})"
+    sections = parse_layerinfo_text(text)
+    assert [(p, d) for p, d, _ in sections] == [(p, d) for p, d, _ in expected]
+    for (_, _, rows), (_, _, layers) in zip(sections, expected, strict=True):
+        assert [(i, d, t) for i, d, _, _, t in rows] == [
+            (i, la["digest"], la["mediaType"]) for i, la in enumerate(layers)]
+        for (_, _, value, unit, _), layer in zip(rows, layers, strict=True):
+            assert_size_shown(value, unit, layer["size"])
+    assert {unit for _, _, rows in sections for *_, unit, _ in rows} == {"B", "KiB", "MiB"}
+
+
 def test_layerinfo_on_a_skopeo_layer_has_no_kid(encoder: Encoder, tmp_path: Path) -> None:
     fixture_layout(tmp_path / "src", "two-recipients")
     text = ok(encoder("layerinfo", "--key", KEYS / "rsa2048-pkcs8.pem",
@@ -720,6 +888,74 @@ def test_progress_line_only_on_a_terminal() -> None:
     assert err.getvalue().endswith("\r\x1b[K")
     plain = encode_cli.TerminalReporter(io.StringIO(), io.StringIO())
     assert plain.start("x", 1 << 30) is None
+
+
+# ctd-encoder's own main(), with the half-second before the first draw removed, so that a
+# small layer is enough; everything else (isatty, the reporter, the encrypt path) is as run.
+_ENCODER_WITHOUT_DELAY = (
+    "import sys; from decoder import encode_cli; encode_cli.TerminalReporter.DELAY = 0.0; "
+    "sys.exit(encode_cli.main(sys.argv[1:]))"
+)
+_PROGRESS = re.compile(
+    r"\rencrypting layer 0 of linux/amd64: +(\d+)% of 3 MiB, \d+ MiB/s\x1b\[K"
+)
+
+
+def encrypt_command(tmp_path: Path) -> list[str]:
+    simple_image(tmp_path / "src", [Layer(os.urandom(3 << 20))])
+    return [sys.executable, "-c", _ENCODER_WITHOUT_DELAY, "encrypt",
+            "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+            f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"]
+
+
+def test_encrypt_draws_progress_when_stderr_is_a_terminal(tmp_path: Path) -> None:
+    import threading
+
+    command = encrypt_command(tmp_path)
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=slave)
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every slave end is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        reader.join(timeout=30)
+        os.close(master)
+    terminal = b"".join(chunks).decode()
+    assert proc.returncode == 0, terminal
+    percents = [int(p) for p in _PROGRESS.findall(terminal)]
+    assert percents and percents[-1] == 100, repr(terminal)
+    assert percents == sorted(percents)
+    assert terminal.endswith("\r\x1b[K"), "the line is cleared when the layer is done"
+    assert "\n" not in terminal, "progress stays on one line"
+    assert "encrypting" not in stdout.decode()
+    assert "layer 0: " in stdout.decode() and "wrote oci:" in stdout.decode()
+
+
+def test_encrypt_draws_no_progress_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    command = encrypt_command(tmp_path)
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "layer 0: " in result.stdout and "wrote oci:" in result.stdout
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    Reader(tmp_path / "dst").check_complete()
 
 
 def test_console_script_help_version_and_errors(tmp_path: Path) -> None:

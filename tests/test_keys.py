@@ -45,6 +45,8 @@ def test_private_key_encodings(name: str, description: str, tmp_path: Path) -> N
     [
         ("rsa2048.pub.pem", "public key"),
         ("ec256.pub.pem", "public key"),
+        ("rsa2048.pub.der", "public key"),
+        ("ec256.pub.der", "public key"),
         ("rsa2048.pub.jwk.json", "public JWK"),
         ("rsa2048-pkcs8-encrypted.pem", "no password"),
         ("rsa2048-legacy-encrypted.pem", "no password"),

@@ -175,6 +175,9 @@ def test_someone_elses_layer_names_its_recipient(tmp_path: Path) -> None:
         ciphertext, payload_bytes(descriptor), key_dir(tmp_path, "bob-key.pem", "bob-cert.pem")
     )
     assert result.returncode == 1
+    assert result.stdout == b""
+    assert result.stderr.startswith("ctd-decoder: no key opens layer ")
+    assert result.stderr.count("\n") == 1
     assert f"the layer is wrapped for: PKCS7 (1 recipient: {ALICE})" in result.stderr
 
 

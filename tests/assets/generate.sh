@@ -16,6 +16,7 @@ q openssl pkcs8 -topk8 -nocrypt -in rsa2048-pkcs1.pem -out rsa2048-pkcs8.pem
 q openssl rsa -in rsa2048-pkcs1.pem -outform DER -traditional -out rsa2048-pkcs1.der
 q openssl pkcs8 -topk8 -nocrypt -in rsa2048-pkcs1.pem -outform DER -out rsa2048-pkcs8.der
 q openssl rsa -in rsa2048-pkcs1.pem -pubout -out rsa2048.pub.pem
+q openssl pkey -pubin -in rsa2048.pub.pem -outform DER -out rsa2048.pub.der  # SubjectPublicKeyInfo
 q openssl pkcs8 -topk8 -v2 aes-256-cbc -passout pass:s3cret -in rsa2048-pkcs1.pem -out rsa2048-pkcs8-encrypted.pem
 q openssl rsa -in rsa2048-pkcs1.pem -aes256 -traditional -passout pass:s3cret -out rsa2048-legacy-encrypted.pem
 # Keys whose password-based encryption is too costly for the decoder to try (it skips them)
@@ -34,6 +35,7 @@ for c in 256:prime256v1 384:secp384r1 521:secp521r1; do
   q openssl ec -in "ec$bits-sec1.pem" -outform DER -out "ec$bits-sec1.der"
   q openssl ec -in "ec$bits-sec1.pem" -pubout -out "ec$bits.pub.pem"
 done
+q openssl pkey -pubin -in ec256.pub.pem -outform DER -out ec256.pub.der
 q openssl pkcs8 -topk8 -scrypt -scrypt_N 16384 -scrypt_r 8 -scrypt_p 64 -passout pass:s3cret -in ec256-sec1.pem -out ec256-pkcs8-costly-scrypt.pem
 q openssl genpkey -algorithm ED25519 -out ed25519.pem
 # JWKs made from the PEM keys
