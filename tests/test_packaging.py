@@ -291,6 +291,7 @@ def test_bundle_without_key_fails_cleanly(
     stderr = result.stderr.decode()
     assert stderr.startswith(f"{NAME}: ") and stderr.count("\n") == 1, stderr
     assert "Traceback" not in stderr
+    assert result.stdout == b""
 
 
 def _committed_layers() -> list[Path]:
