@@ -64,25 +64,73 @@ def only(files: dict[str, bytes], *names: str) -> dict[str, bytes]:
 # --- the node itself --------------------------------------------------------------------------
 
 
-def test_node_runs_our_decoder_for_gzip_and_zstd(node: harness.Node) -> None:
-    """containerd's effective config sends both encrypted gzip and zstd layers to our decoder."""
+def test_node_runs_the_shipped_config(node: harness.Node) -> None:
+    """containerd's effective config is config/containerd-1.x.toml with only the node's paths
+    changed: same processor ids, media types and `returns`, the CRI image_decryption as
+    shipped; the decoder under test, the node's key directories and no system path."""
+    with harness.SHIPPED_CONFIG_1X.open("rb") as f:
+        shipped = tomllib.load(f)
     dump = harness.run(["containerd", "--config", node.config_path, "config", "dump"]).stdout
     config = tomllib.loads(dump)
     processors = config["stream_processors"]
-    gzip_processor = processors[harness.GZIP_PROCESSOR]
-    assert gzip_processor["path"] == str(node.decoder)
-    assert gzip_processor["accepts"] == [harness.GZIP_ENCRYPTED, harness.ZSTD_ENCRYPTED]
-    assert gzip_processor["returns"] == "application/vnd.oci.image.layer.v1.tar+gzip"
-    assert gzip_processor["args"] == ["--decryption-keys-path", str(node.keys_dir),
-                                      "--decryption-keys-path", str(node.extra_keys_dir)]
-    assert processors[harness.TAR_PROCESSOR]["path"] == str(node.decoder)
-    # no processor of its own for zstd: containerd would hand it no payload
-    assert not [pid for pid, p in processors.items()
-                if pid != harness.GZIP_PROCESSOR and harness.ZSTD_ENCRYPTED in p["accepts"]]
-    cri = config["plugins"]["io.containerd.grpc.v1.cri"]
-    assert cri["image_decryption"]["key_model"] == "node"
+    assert set(processors) == set(shipped["stream_processors"])
+    key_args = ["--decryption-keys-path", str(node.keys_dir),
+                "--decryption-keys-path", str(node.extra_keys_dir)]
+    for proc_id, want in shipped["stream_processors"].items():
+        got = processors[proc_id]
+        assert (got["accepts"], got["returns"]) == (want["accepts"], want["returns"]), proc_id
+        assert got["path"] == str(node.decoder)
+        assert want["args"] == ["--decryption-keys-path", harness.SHIPPED_KEYS_DIR]
+        assert got["args"] == key_args
+        # the key-provider config the shipped env names, moved into the node's directory
+        assert got["env"] == [
+            f"{name}={node.system_dir}{value}"
+            for name, _, value in (entry.partition("=") for entry in want["env"])
+        ]
+    # the zstd arrangement: tar+zstd+encrypted goes to the tar.gzip id, the only one besides
+    # ...v1.tar that containerd hands a payload to (test_zstd_layer pulls one)
+    assert harness.ZSTD_ENCRYPTED in processors[harness.GZIP_PROCESSOR]["accepts"]
+    assert harness.GZIP_ENCRYPTED in processors[harness.GZIP_PROCESSOR]["accepts"]
+    assert harness.TAR_ENCRYPTED in processors[harness.TAR_PROCESSOR]["accepts"]
+    for got in processors.values():
+        for value in [*got["args"], *(entry.partition("=")[2] for entry in got["env"])]:
+            assert not value.startswith(harness.SYSTEM_PATH_PREFIXES), value
+    cri = config["plugins"][harness.CRI_PLUGIN]
+    assert cri["image_decryption"] == shipped["plugins"][harness.CRI_PLUGIN]["image_decryption"]
     assert config["root"].startswith(str(node.directory))
     assert config["state"].startswith(str(node.directory))
+
+
+def test_a_snippet_with_a_zstd_processor_id_fails_the_zstd_pull(
+    materials: harness.Materials, registry: harness.Registry, work: Path
+) -> None:
+    """The suite notices a broken snippet: with the zstd types under their own
+    ...v1.tar.zstd id (as imgcrypt's README has it), containerd runs the decoder without a
+    payload and the zstd pull fails, where test_zstd_layer pulls it with the shipped one."""
+    with harness.SHIPPED_CONFIG_1X.open("rb") as f:
+        snippet = tomllib.load(f)
+    processors = snippet["stream_processors"]
+    gzip_processor = processors[harness.GZIP_PROCESSOR]
+    zstd_types = [t for t in gzip_processor["accepts"] if "+zstd+" in t]
+    assert harness.ZSTD_ENCRYPTED in zstd_types
+    gzip_processor["accepts"] = [t for t in gzip_processor["accepts"] if t not in zstd_types]
+    processors["io.containerd.ocicrypt.decoder.v1.tar.zstd"] = {
+        **gzip_processor, "accepts": zstd_types,
+        "returns": "application/vnd.oci.image.layer.v1.tar+zstd"}
+    broken = work / "containerd-1.x-zstd-own-id.toml"
+    broken.write_text(harness.toml_text(snippet))
+    key = materials.key("zstd", "rsa", "pkcs8-pem")
+    image = materials.image("zstd", [key.public_pem], source="zstd")
+    assert image.layer_media_types == [harness.ZSTD_ENCRYPTED]
+    with harness.Node(work / "node-zstd-own-id", harness.pip_decoder(), registry.host,
+                      name="zstd-own-id", shipped_config=broken) as node:
+        assert "io.containerd.ocicrypt.decoder.v1.tar.zstd" in node.config_text()
+        harness.write_key_files(node.keys_dir, key.files)
+        with pytest.raises(PullFailed) as failure:
+            node.pull(image.ref)
+        assert f"{harness.DECODER_MESSAGE_PREFIX}no decryption payload on fd 3" in \
+            failure.value.details
+        assert not set(image.chain_ids) & node.snapshots()
 
 
 # --- key formats ------------------------------------------------------------------------------
