@@ -570,6 +570,21 @@ def encrypt_and_push(
     return PushedImage(ref=ref, local=image, layers=list(manifest["layers"]))
 
 
+def encode_and_push(
+    image: LocalImage, registry: Registry, repository: str, public_keys: Sequence[Path],
+    *, work: Path,
+) -> PushedImage:
+    """Encrypt every layer for the given JWE recipients with ctd-encoder, then push the layout
+    with skopeo (which copies encrypted blobs as they are). Unlike skopeo's own encryption,
+    this keeps an uncompressed layer uncompressed (tar+encrypted)."""
+    encrypted = f"oci:{work / 'encrypted.oci'}:{image.tag}"
+    recipients: list[str] = []
+    for key in public_keys:
+        recipients += ["--recipient", f"jwe:{key}"]
+    encoder("encrypt", *recipients, image.source, encrypted)
+    return push_layout(encrypted, registry, repository, image, work)
+
+
 class Materials:
     """Keys and encrypted images, each made once per session under a name and then reused."""
 
@@ -598,11 +613,13 @@ class Materials:
         layers: int = 1,
         source: str = "gzip",
         zstd_while_encrypting: bool = False,
+        encrypter: Literal["skopeo", "ctd-encoder"] = "skopeo",
     ) -> PushedImage:
         """An image with `layers` layers (busybox and a unique marker first), encrypted and pushed.
 
         source: "gzip" (what umoci writes), "zstd" (recompressed by skopeo before encryption)
-        or "tar" (uncompressed layers).
+        or "tar" (uncompressed layers). encrypter: skopeo (`skopeo copy --encryption-key`, which
+        gzips an uncompressed layer) or ctd-encoder (which keeps each layer's compression).
         """
 
         def build(directory: Path) -> PushedImage:
@@ -616,6 +633,11 @@ class Materials:
                 local = decompress_layers(local, directory)
             elif source != "gzip":
                 raise ValueError(f"unknown layer source {source!r}")
+            if encrypter == "ctd-encoder":
+                if zstd_while_encrypting:
+                    raise ValueError("ctd-encoder does not recompress layers")
+                return encode_and_push(local, self.registry, f"pyimgcrypt/{name}", public_keys,
+                                       work=directory)
             return encrypt_and_push(
                 local, self.registry, f"pyimgcrypt/{name}", public_keys,
                 zstd=zstd_while_encrypting, work=directory,

@@ -214,6 +214,32 @@ def test_zstd_layer(keys: harness.Node, materials: harness.Materials) -> None:
     assert_pulls(keys, image)
 
 
+def test_uncompressed_layer(keys: harness.Node, materials: harness.Materials) -> None:
+    """tar+encrypted (ctd-encoder keeps an uncompressed layer uncompressed; skopeo would gzip
+    it) reaches our decoder with its payload through the ...v1.tar id and unpacks as a tar."""
+    key = materials.key("tar", "ec-p256", "pkcs8-pem")
+    image = materials.image("tar", [key.public_pem], source="tar", encrypter="ctd-encoder")
+    assert image.local.layer_media_types == ["application/vnd.oci.image.layer.v1.tar"]
+    assert image.layer_media_types == [harness.TAR_ENCRYPTED]
+    processors = keys.config()["stream_processors"]
+    assert [pid for pid, p in processors.items() if harness.TAR_ENCRYPTED in p["accepts"]] == [
+        harness.TAR_PROCESSOR]
+    assert processors[harness.TAR_PROCESSOR]["returns"] == "application/vnd.oci.image.layer.v1.tar"
+    # what the registry holds is ciphertext, neither the tar nor a gzip of it
+    repository = image.ref.split("/", 1)[1].rsplit(":", 1)[0]
+    status, blob = materials.registry.get(f"/v2/{repository}/blobs/{image.layer_digests[0]}")
+    assert status == 200
+    assert blob[257:262] != b"ustar" and blob[:2] != b"\x1f\x8b"
+    # a wrong key first: the refusal names the layer, known to the decoder only from the fd-3
+    # payload, so containerd ran it for this layer with its payload
+    other = materials.key("tar-other", "ec-p256", "pkcs8-pem")
+    harness.write_key_files(keys.keys_dir, other.files)
+    assert_refused(keys, image)
+    keys.clear_keys()
+    harness.write_key_files(keys.keys_dir, key.files)
+    assert_pulls(keys, image)
+
+
 # --- layers skopeo recompressed while encrypting ----------------------------------------------
 # skopeo writes the digest of the blob it was given into the layer's private options, and then
 # recompresses the layer while encrypting it (an uncompressed source is always gzipped;
