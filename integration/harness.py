@@ -257,7 +257,8 @@ def _mount_points() -> list[str]:
 
 # --- keys ----------------------------------------------------------------------------------
 
-RSA_FORMATS = ("pkcs1-pem", "pkcs8-pem", "pkcs1-der", "pkcs8-der", "jwk", "pkcs8-encrypted")
+RSA_FORMATS = ("pkcs1-pem", "pkcs8-pem", "pkcs1-der", "pkcs8-der", "jwk", "pkcs8-encrypted",
+               "pkcs1-encrypted")
 EC_FORMATS = ("sec1-pem", "sec1-der", "pkcs8-pem", "pkcs8-der", "jwk", "pkcs8-encrypted")
 RSA_SIZES = {"rsa": 2048, "rsa4096": 4096}
 EC_CURVES = {"ec-p256": ("prime256v1", "P-256"), "ec-p384": ("secp384r1", "P-384"),
@@ -287,6 +288,9 @@ def make_key(directory: Path, algorithm: str, fmt: str) -> KeyPair:
     algorithm: "rsa" (2048 bits), "rsa4096" or one of EC_CURVES; fmt: one of RSA_FORMATS /
     EC_FORMATS.
     SEC1 PEM is made with `openssl ecparam -genkey`, so it starts with an EC PARAMETERS block.
+    The encrypted formats come with their password in a KEY.password file: pkcs8-encrypted is
+    an `ENCRYPTED PRIVATE KEY` (PBES2, AES-256-CBC), pkcs1-encrypted the legacy OpenSSL form
+    (`RSA PRIVATE KEY` with `Proc-Type: 4,ENCRYPTED`, `openssl rsa -aes256 -traditional`).
     """
     directory.mkdir(parents=True, exist_ok=True)
     label = f"{algorithm}-{fmt}"
@@ -337,6 +341,13 @@ def make_key(directory: Path, algorithm: str, fmt: str) -> KeyPair:
         run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", base,
              "-passout", f"file:{password_file}", "-out", out])
         files = {"key.pem": out.read_bytes(), "key.pem.password": (password + "\n").encode()}
+    elif fmt == "pkcs1-encrypted":
+        password = uuid.uuid4().hex
+        password_file = directory / f"{label}.password"
+        password_file.write_text(password + "\n")
+        run(["openssl", "rsa", "-in", base, "-aes256", "-traditional",
+             "-passout", f"file:{password_file}", "-out", out])
+        files = {"key.pem": out.read_bytes(), "key.pem.password": (password + "\n").encode()}
     else:  # jwk
         from jwcrypto import jwk
 
@@ -353,8 +364,15 @@ def describe_key_file(data: bytes) -> str:
     if b"-----BEGIN " in data:
         kinds = [line[11:-5].decode() for line in data.splitlines()
                  if line.startswith(b"-----BEGIN ")]
-        return "PEM " + " + ".join(kinds)
+        legacy = " (Proc-Type: 4,ENCRYPTED)" if b"\nProc-Type: 4,ENCRYPTED" in data else ""
+        return "PEM " + " + ".join(kinds) + legacy
     return f"DER starting {data[:1].hex()}"
+
+
+def public_key_text(public_pem: Path) -> str:
+    """openssl's description of a public key; its first line says the size, as
+    `Public-Key: (4096 bit)`."""
+    return run(["openssl", "pkey", "-pubin", "-in", public_pem, "-noout", "-text"]).stdout
 
 
 def write_key_files(directory: Path, files: Mapping[str, bytes]) -> None:

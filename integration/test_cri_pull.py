@@ -152,7 +152,11 @@ KEY_CASES = [
     ("ec-p521", "jwk", "JWK kty=EC crv=P-521 private=True"),
     ("rsa", "pkcs8-encrypted", "PEM ENCRYPTED PRIVATE KEY"),
     ("ec-p256", "pkcs8-encrypted", "PEM ENCRYPTED PRIVATE KEY"),
+    ("rsa", "pkcs1-encrypted", "PEM RSA PRIVATE KEY (Proc-Type: 4,ENCRYPTED)"),
+    ("rsa4096", "pkcs8-pem", "PEM PRIVATE KEY"),
+    ("rsa4096", "pkcs1-pem", "PEM RSA PRIVATE KEY"),
 ]
+ENCRYPTED_KEY_FORMATS = ["pkcs8-encrypted", "pkcs1-encrypted"]
 
 
 @pytest.mark.parametrize(
@@ -164,7 +168,10 @@ def test_key_format(
     """A node whose only key is in this format pulls an image encrypted for it."""
     key = materials.key(f"{algorithm}-{fmt}", algorithm, fmt)
     assert harness.describe_key_file(key.key_bytes) == looks_like
-    if fmt == "pkcs8-encrypted":
+    if algorithm in harness.RSA_SIZES:
+        bits = harness.RSA_SIZES[algorithm]
+        assert f"({bits} bit)" in harness.public_key_text(key.public_pem).splitlines()[0]
+    if fmt in ENCRYPTED_KEY_FORMATS:
         assert key.key_file + ".password" in key.files
     image = materials.image(f"{algorithm}-{fmt}", [key.public_pem])
     assert image.layer_media_types == [harness.GZIP_ENCRYPTED]
@@ -172,12 +179,13 @@ def test_key_format(
     assert_pulls(keys, image)
 
 
+@pytest.mark.parametrize("fmt", ENCRYPTED_KEY_FORMATS)
 def test_encrypted_key_without_its_password_file_is_refused(
-    keys: harness.Node, materials: harness.Materials
+    keys: harness.Node, materials: harness.Materials, fmt: str
 ) -> None:
     """Without KEY.password the encrypted key is unusable, and the message says what to do."""
-    key = materials.key("rsa-pkcs8-encrypted", "rsa", "pkcs8-encrypted")
-    image = materials.image("encrypted-key-without-password", [key.public_pem])
+    key = materials.key(f"rsa-{fmt}", "rsa", fmt)
+    image = materials.image(f"{fmt}-key-without-password", [key.public_pem])
     harness.write_key_files(keys.keys_dir, only(key.files, key.key_file))
     details = assert_refused(keys, image)
     assert ".password" in details
