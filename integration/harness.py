@@ -135,13 +135,14 @@ def run(
     timeout: float = 120,
     check: bool = True,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; raise CommandFailed (with its output) on failure."""
     argv = [str(a) for a in args]
     env = {**tool_env(), **(extra_env or {})}
     try:
         result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=env,
+            argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
             check=False,
         )
     except subprocess.TimeoutExpired as e:
