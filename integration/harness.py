@@ -73,6 +73,7 @@ REQUIRED_COMMANDS: dict[str, str] = {
     "umount": "mount",
 }
 _SHIM_SOCKET_DIR = Path("/run/containerd/s")
+_CONTAINER_OUT_DIR = "/.pyimgcrypt-out"  # where run_container's bind mount appears inside
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "ftp_proxy", "grpc_proxy"}
 
@@ -1227,19 +1228,32 @@ class Node:
             target.rmdir()
 
     def run_container(self, image: str, argv: Sequence[str], timeout: float = 60) -> str:
-        """`ctr run --rm IMAGE ID ARGV...`; return the container's stdout."""
+        """`ctr run --rm IMAGE ID ARGV...`; return what ARGV wrote to its stdout.
+
+        ctr's own stdout is not used: containerd 1.6 sometimes loses the output of a process
+        that exits at once (under CPU load, about 1 `ctr run` in 150 printed nothing, with exit
+        status 0). So the container's `/bin/busybox sh` (every image here has it) runs ARGV
+        with its stdout redirected to a file on a bind mount, read after the task has exited.
+        """
         container = f"pyimgcrypt-{uuid.uuid4().hex[:12]}"
+        out_dir = self.directory / "out" / container
+        out_dir.mkdir(parents=True)
         try:
-            result = self.ctr(
+            self.ctr(
                 "run", "--rm", "--fifo-dir", str(self.directory / "fifo"),
                 "--runc-root", str(self.directory / "runc"),
-                "--cgroup", f"/{self._cgroup_parent}/{container}", image, container, *argv,
+                "--cgroup", f"/{self._cgroup_parent}/{container}",
+                "--mount", f"type=bind,src={out_dir},dst={_CONTAINER_OUT_DIR},options=rbind:rw",
+                image, container,
+                "/bin/busybox", "sh", "-c", f'exec "$@" >{_CONTAINER_OUT_DIR}/stdout', "sh", *argv,
                 timeout=timeout,
             )
+            return (out_dir / "stdout").read_text()
         except CommandFailed:
             self._remove_container(container)
             raise
-        return result.stdout
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
     def _remove_container(self, container: str) -> None:
         self.ctr("tasks", "kill", "-s", "SIGKILL", container, check=False, timeout=20)
