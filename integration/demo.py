@@ -40,8 +40,8 @@ class Narrator:
 
 
 def stream_processor_section(config: str) -> str:
-    """The [stream_processors] part of a containerd config."""
-    start = config.index("[stream_processors]")
+    """The [stream_processors...] tables of a containerd config (the harness writes them last)."""
+    start = config.index("\n[stream_processors")
     return config[start:].strip()
 
 
@@ -101,8 +101,9 @@ def demo(decoder: Path, keep: bool) -> None:
                    f"config:       {node.config_path}\n"
                    f"socket:       {node.socket}\n"
                    f"node keys:    {node.keys_dir}/{key.key_file}\n"
-                   "stream processors in the config (zstd layers go to the tar.gzip id,\n"
-                   "the only ids containerd hands the decryption payload to):")
+                   "stream processors in the config, from config/containerd-1.x.toml with\n"
+                   "this node's decoder and key directory (zstd layers go to the tar.gzip id;\n"
+                   "tar.gzip and tar are the only ids containerd hands the decryption payload to):")
         say.detail(textwrap.indent(stream_processor_section(node.config_text()), "  "))
 
         say.step("Pull the image through CRI (runtime.v1.ImageService/PullImage), as the kubelet.")

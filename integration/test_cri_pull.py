@@ -64,25 +64,73 @@ def only(files: dict[str, bytes], *names: str) -> dict[str, bytes]:
 # --- the node itself --------------------------------------------------------------------------
 
 
-def test_node_runs_our_decoder_for_gzip_and_zstd(node: harness.Node) -> None:
-    """containerd's effective config sends both encrypted gzip and zstd layers to our decoder."""
+def test_node_runs_the_shipped_config(node: harness.Node) -> None:
+    """containerd's effective config is config/containerd-1.x.toml with only the node's paths
+    changed: same processor ids, media types and `returns`, the CRI image_decryption as
+    shipped; the decoder under test, the node's key directories and no system path."""
+    with harness.SHIPPED_CONFIG_1X.open("rb") as f:
+        shipped = tomllib.load(f)
     dump = harness.run(["containerd", "--config", node.config_path, "config", "dump"]).stdout
     config = tomllib.loads(dump)
     processors = config["stream_processors"]
-    gzip_processor = processors[harness.GZIP_PROCESSOR]
-    assert gzip_processor["path"] == str(node.decoder)
-    assert gzip_processor["accepts"] == [harness.GZIP_ENCRYPTED, harness.ZSTD_ENCRYPTED]
-    assert gzip_processor["returns"] == "application/vnd.oci.image.layer.v1.tar+gzip"
-    assert gzip_processor["args"] == ["--decryption-keys-path", str(node.keys_dir),
-                                      "--decryption-keys-path", str(node.extra_keys_dir)]
-    assert processors[harness.TAR_PROCESSOR]["path"] == str(node.decoder)
-    # no processor of its own for zstd: containerd would hand it no payload
-    assert not [pid for pid, p in processors.items()
-                if pid != harness.GZIP_PROCESSOR and harness.ZSTD_ENCRYPTED in p["accepts"]]
-    cri = config["plugins"]["io.containerd.grpc.v1.cri"]
-    assert cri["image_decryption"]["key_model"] == "node"
+    assert set(processors) == set(shipped["stream_processors"])
+    key_args = ["--decryption-keys-path", str(node.keys_dir),
+                "--decryption-keys-path", str(node.extra_keys_dir)]
+    for proc_id, want in shipped["stream_processors"].items():
+        got = processors[proc_id]
+        assert (got["accepts"], got["returns"]) == (want["accepts"], want["returns"]), proc_id
+        assert got["path"] == str(node.decoder)
+        assert want["args"] == ["--decryption-keys-path", harness.SHIPPED_KEYS_DIR]
+        assert got["args"] == key_args
+        # the key-provider config the shipped env names, moved into the node's directory
+        assert got["env"] == [
+            f"{name}={node.system_dir}{value}"
+            for name, _, value in (entry.partition("=") for entry in want["env"])
+        ]
+    # the zstd arrangement: tar+zstd+encrypted goes to the tar.gzip id, the only one besides
+    # ...v1.tar that containerd hands a payload to (test_zstd_layer pulls one)
+    assert harness.ZSTD_ENCRYPTED in processors[harness.GZIP_PROCESSOR]["accepts"]
+    assert harness.GZIP_ENCRYPTED in processors[harness.GZIP_PROCESSOR]["accepts"]
+    assert harness.TAR_ENCRYPTED in processors[harness.TAR_PROCESSOR]["accepts"]
+    for got in processors.values():
+        for value in [*got["args"], *(entry.partition("=")[2] for entry in got["env"])]:
+            assert not value.startswith(harness.SYSTEM_PATH_PREFIXES), value
+    cri = config["plugins"][harness.CRI_PLUGIN]
+    assert cri["image_decryption"] == shipped["plugins"][harness.CRI_PLUGIN]["image_decryption"]
     assert config["root"].startswith(str(node.directory))
     assert config["state"].startswith(str(node.directory))
+
+
+def test_a_snippet_with_a_zstd_processor_id_fails_the_zstd_pull(
+    materials: harness.Materials, registry: harness.Registry, work: Path
+) -> None:
+    """The suite notices a broken snippet: with the zstd types under their own
+    ...v1.tar.zstd id (as imgcrypt's README has it), containerd runs the decoder without a
+    payload and the zstd pull fails, where test_zstd_layer pulls it with the shipped one."""
+    with harness.SHIPPED_CONFIG_1X.open("rb") as f:
+        snippet = tomllib.load(f)
+    processors = snippet["stream_processors"]
+    gzip_processor = processors[harness.GZIP_PROCESSOR]
+    zstd_types = [t for t in gzip_processor["accepts"] if "+zstd+" in t]
+    assert harness.ZSTD_ENCRYPTED in zstd_types
+    gzip_processor["accepts"] = [t for t in gzip_processor["accepts"] if t not in zstd_types]
+    processors["io.containerd.ocicrypt.decoder.v1.tar.zstd"] = {
+        **gzip_processor, "accepts": zstd_types,
+        "returns": "application/vnd.oci.image.layer.v1.tar+zstd"}
+    broken = work / "containerd-1.x-zstd-own-id.toml"
+    broken.write_text(harness.toml_text(snippet))
+    key = materials.key("zstd", "rsa", "pkcs8-pem")
+    image = materials.image("zstd", [key.public_pem], source="zstd")
+    assert image.layer_media_types == [harness.ZSTD_ENCRYPTED]
+    with harness.Node(work / "node-zstd-own-id", harness.pip_decoder(), registry.host,
+                      name="zstd-own-id", shipped_config=broken) as node:
+        assert "io.containerd.ocicrypt.decoder.v1.tar.zstd" in node.config_text()
+        harness.write_key_files(node.keys_dir, key.files)
+        with pytest.raises(PullFailed) as failure:
+            node.pull(image.ref)
+        assert f"{harness.DECODER_MESSAGE_PREFIX}no decryption payload on fd 3" in \
+            failure.value.details
+        assert not set(image.chain_ids) & node.snapshots()
 
 
 # --- key formats ------------------------------------------------------------------------------
@@ -104,7 +152,11 @@ KEY_CASES = [
     ("ec-p521", "jwk", "JWK kty=EC crv=P-521 private=True"),
     ("rsa", "pkcs8-encrypted", "PEM ENCRYPTED PRIVATE KEY"),
     ("ec-p256", "pkcs8-encrypted", "PEM ENCRYPTED PRIVATE KEY"),
+    ("rsa", "pkcs1-encrypted", "PEM RSA PRIVATE KEY (Proc-Type: 4,ENCRYPTED)"),
+    ("rsa4096", "pkcs8-pem", "PEM PRIVATE KEY"),
+    ("rsa4096", "pkcs1-pem", "PEM RSA PRIVATE KEY"),
 ]
+ENCRYPTED_KEY_FORMATS = ["pkcs8-encrypted", "pkcs1-encrypted"]
 
 
 @pytest.mark.parametrize(
@@ -116,7 +168,10 @@ def test_key_format(
     """A node whose only key is in this format pulls an image encrypted for it."""
     key = materials.key(f"{algorithm}-{fmt}", algorithm, fmt)
     assert harness.describe_key_file(key.key_bytes) == looks_like
-    if fmt == "pkcs8-encrypted":
+    if algorithm in harness.RSA_SIZES:
+        bits = harness.RSA_SIZES[algorithm]
+        assert f"({bits} bit)" in harness.public_key_text(key.public_pem).splitlines()[0]
+    if fmt in ENCRYPTED_KEY_FORMATS:
         assert key.key_file + ".password" in key.files
     image = materials.image(f"{algorithm}-{fmt}", [key.public_pem])
     assert image.layer_media_types == [harness.GZIP_ENCRYPTED]
@@ -124,12 +179,13 @@ def test_key_format(
     assert_pulls(keys, image)
 
 
+@pytest.mark.parametrize("fmt", ENCRYPTED_KEY_FORMATS)
 def test_encrypted_key_without_its_password_file_is_refused(
-    keys: harness.Node, materials: harness.Materials
+    keys: harness.Node, materials: harness.Materials, fmt: str
 ) -> None:
     """Without KEY.password the encrypted key is unusable, and the message says what to do."""
-    key = materials.key("rsa-pkcs8-encrypted", "rsa", "pkcs8-encrypted")
-    image = materials.image("encrypted-key-without-password", [key.public_pem])
+    key = materials.key(f"rsa-{fmt}", "rsa", fmt)
+    image = materials.image(f"{fmt}-key-without-password", [key.public_pem])
     harness.write_key_files(keys.keys_dir, only(key.files, key.key_file))
     details = assert_refused(keys, image)
     assert ".password" in details
@@ -159,6 +215,32 @@ def test_zstd_layer(keys: harness.Node, materials: harness.Materials) -> None:
     # A wrong key first: the refusal names the layer, which the decoder only knows from the
     # fd-3 payload, so containerd ran our decoder for this zstd layer with its payload.
     other = materials.key("zstd-other", "rsa", "pkcs8-pem")
+    harness.write_key_files(keys.keys_dir, other.files)
+    assert_refused(keys, image)
+    keys.clear_keys()
+    harness.write_key_files(keys.keys_dir, key.files)
+    assert_pulls(keys, image)
+
+
+def test_uncompressed_layer(keys: harness.Node, materials: harness.Materials) -> None:
+    """tar+encrypted (ctd-encoder keeps an uncompressed layer uncompressed; skopeo would gzip
+    it) reaches our decoder with its payload through the ...v1.tar id and unpacks as a tar."""
+    key = materials.key("tar", "ec-p256", "pkcs8-pem")
+    image = materials.image("tar", [key.public_pem], source="tar", encrypter="ctd-encoder")
+    assert image.local.layer_media_types == ["application/vnd.oci.image.layer.v1.tar"]
+    assert image.layer_media_types == [harness.TAR_ENCRYPTED]
+    processors = keys.config()["stream_processors"]
+    assert [pid for pid, p in processors.items() if harness.TAR_ENCRYPTED in p["accepts"]] == [
+        harness.TAR_PROCESSOR]
+    assert processors[harness.TAR_PROCESSOR]["returns"] == "application/vnd.oci.image.layer.v1.tar"
+    # what the registry holds is ciphertext, neither the tar nor a gzip of it
+    repository = image.ref.split("/", 1)[1].rsplit(":", 1)[0]
+    status, blob = materials.registry.get(f"/v2/{repository}/blobs/{image.layer_digests[0]}")
+    assert status == 200
+    assert blob[257:262] != b"ustar" and blob[:2] != b"\x1f\x8b"
+    # a wrong key first: the refusal names the layer, known to the decoder only from the fd-3
+    # payload, so containerd ran it for this layer with its payload
+    other = materials.key("tar-other", "ec-p256", "pkcs8-pem")
     harness.write_key_files(keys.keys_dir, other.files)
     assert_refused(keys, image)
     keys.clear_keys()
