@@ -148,7 +148,7 @@ def test_digest_mismatch_withholds_tail(tmp_path: Path) -> None:
 
 def test_small_tampered_layer_writes_nothing(tmp_path: Path) -> None:
     params, ciphertext = make(b"a" * 5000)
-    out, error = decrypt_bytes(params, ciphertext[:-1] + b"!", tmp_path)
+    out, error = decrypt_bytes(params, ciphertext[:-1] + bytes([ciphertext[-1] ^ 1]), tmp_path)
     assert isinstance(error, IntegrityError) and out == b""
 
 
