@@ -316,7 +316,9 @@ class Node:
 
 
 def _kind(descriptor: dict[str, Any], body: Any) -> str:
-    media_type = descriptor.get("mediaType") or (body or {}).get("mediaType")
+    media_type = descriptor.get("mediaType")
+    if media_type is None and isinstance(body, dict):
+        media_type = body.get("mediaType")
     if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
         return "index"
     if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
@@ -328,28 +330,47 @@ def _kind(descriptor: dict[str, Any], body: Any) -> str:
     return "other"
 
 
-def load_tree(layout: Layout, descriptor: dict[str, Any], depth: int = 0) -> Node:
-    """Read an image from SRC: indexes and manifests (digest-verified), not the layers."""
+def load_tree(
+    layout: Layout, descriptor: dict[str, Any], depth: int = 0,
+    what: str = f"the {ocilayout.INDEX_FILE} entry of the image",
+) -> Node:
+    """Read an image from SRC: indexes and manifests (digest-verified), not the layers. Each
+    descriptor is checked (digest, size, string media type and annotations) and each index
+    and manifest must have its list, so malformed ones are refused here, naming the blob."""
     if depth > MAX_DEPTH:
         raise LayoutError(f"{layout.where}: indexes nested more than {MAX_DEPTH} deep")
+    ocilayout.check_descriptor(descriptor, what)
     media_type = descriptor.get("mediaType")
     if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
                                          DOCKER_MANIFEST):
-        ocilayout.check_descriptor(descriptor, "a descriptor")
         return Node(descriptor, "other")
     raw, body = layout.read_json_blob(descriptor, "a manifest or index")
+    digest = descriptor["digest"]
     kind = _kind(descriptor, body)
     node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
     if kind == "index":
-        for child in body["manifests"]:
+        children = body.get("manifests") if isinstance(body, dict) else None
+        if not isinstance(children, list):
+            raise LayoutError(
+                f"{layout.where}: index {digest} is not an image index (it has no manifests list)"
+            )
+        for i, child in enumerate(children):
             if not isinstance(child, dict):
-                raise LayoutError(f"index {descriptor['digest']} lists a non-object")
-            node.children.append(load_tree(layout, child, depth + 1))
+                raise LayoutError(f"{layout.where}: index {digest} lists a non-object (entry {i})")
+            node.children.append(
+                load_tree(layout, child, depth + 1, f"entry {i} of index {digest}")
+            )
     elif kind == "manifest":
+        layers = body.get("layers") if isinstance(body, dict) else None
+        if not isinstance(layers, list):
+            raise LayoutError(
+                f"{layout.where}: manifest {digest} is not an image manifest "
+                "(it has no layers list)"
+            )
         config = body.get("config")
-        ocilayout.check_descriptor(config, f"the config of manifest {descriptor['digest']}")
-        for i, layer in enumerate(body["layers"]):
-            ocilayout.check_descriptor(layer, f"layer {i} of manifest {descriptor['digest']}")
+        ocilayout.check_descriptor(config, f"the config of manifest {digest}")
+        for i, layer in enumerate(layers):
+            ocilayout.check_descriptor(layer, f"layer {i} of manifest {digest}")
             node.layers.append(LayerPlan(i, layer))
         node.platform = _platform_of(descriptor.get("platform"))
         if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):

@@ -75,6 +75,16 @@ def check_descriptor(descriptor: Any, what: str) -> tuple[str, int]:
     blob_name(digest)
     if size < 0:
         raise LayoutError(f"{what} has a negative size")
+    media_type = descriptor.get("mediaType")
+    if media_type is not None and not isinstance(media_type, str):
+        raise LayoutError(f"{what} has a mediaType that is not a string")
+    annotations = descriptor.get("annotations")
+    if annotations is not None:
+        if not isinstance(annotations, dict):
+            raise LayoutError(f"{what} has annotations that are not a JSON object")
+        for name, value in annotations.items():
+            if not isinstance(value, str):
+                raise LayoutError(f"{what} has an annotation {name!r} that is not a string")
     return digest, size
 
 

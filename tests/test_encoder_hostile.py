@@ -1,0 +1,168 @@
+"""ctd-encoder against hostile and broken input: image graphs that repeat themselves, malformed
+indexes, manifests and annotations, sha512 blobs in archives, recipients and --key arguments it
+cannot use, destinations it cannot write, signals, a closed stdout, and wrapped plaintext
+digests it must not show. Each failure must be one line `ctd-encoder: ...` with exit status 1
+(or 128+N for a signal), no traceback, and nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from decoder import encode_cli
+from tests.layouts import (
+    GZIP,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Layer,
+    LayoutBuilder,
+    random_layers,
+    tree_state,
+)
+from tests.support import KEYS, encrypt_layer
+
+JWE_KEYS = "org.opencontainers.image.enc.keys.jwe"
+PUBOPTS = "org.opencontainers.image.enc.pubopts"
+PUB = KEYS / "rsa2048.pub.pem"
+PRIV = KEYS / "rsa2048-pkcs8.pem"
+SCRIPT = Path(sys.executable).with_name("ctd-encoder")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Encoder = Callable[..., Run]
+
+
+@pytest.fixture
+def encoder(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Encoder:
+    """ctd-encoder's main() in this process, its output captured."""
+    monkeypatch.delenv("CTD_ENCODER_DEBUG", raising=False)
+
+    def run(*args: object) -> Run:
+        capsys.readouterr()
+        code = encode_cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def ok(result: Run) -> Run:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def refused(result: Run, *fragments: str, status: int = 1) -> str:
+    """A failure: the exit status and exactly one line on stderr naming what is wrong."""
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ctd-encoder: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def write_blob(root: Path, data: bytes, algorithm: str = "sha256") -> str:
+    hexdigest = hashlib.new(algorithm, data).hexdigest()
+    (root / "blobs" / algorithm).mkdir(parents=True, exist_ok=True)
+    (root / "blobs" / algorithm / hexdigest).write_bytes(data)
+    return f"{algorithm}:{hexdigest}"
+
+
+def config(builder: LayoutBuilder) -> dict[str, Any]:
+    return builder.json_blob({"architecture": "amd64", "os": "linux"}, OCI_CONFIG)
+
+
+def manifest_of(builder: LayoutBuilder, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    return builder.json_blob({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                              "config": config(builder), "layers": layers}, OCI_MANIFEST)
+
+
+# --- 2. malformed indexes, manifests and annotations ---------------------------------------
+
+
+def _encrypted_layer(annotations: dict[str, Any]) -> Layer:
+    layer = encrypt_layer(os.urandom(3000), [PUB])
+    return Layer(layer.ciphertext, GZIP + "+encrypted",
+                 extra={"annotations": {**layer.descriptor["annotations"], **annotations}})
+
+
+def _malformed(root: Path, case: str) -> None:
+    builder = LayoutBuilder(root)
+    if case == "index without manifests":
+        builder.add(builder.json_blob({"schemaVersion": 2}, OCI_INDEX))
+    elif case == "index manifests a number":
+        builder.add(builder.json_blob({"schemaVersion": 2, "manifests": 5}, OCI_INDEX))
+    elif case == "manifest without layers":
+        builder.add(builder.json_blob({"schemaVersion": 2, "config": config(builder)},
+                                      OCI_MANIFEST))
+    elif case == "manifest an array":
+        builder.add(builder.json_blob([1, 2], OCI_MANIFEST))
+    elif case == "layer annotations a list":
+        builder.add(builder.manifest([Layer(os.urandom(3000), extra={"annotations": ["a"]})]))
+    elif case == "keys annotation a number":
+        builder.add(builder.manifest([_encrypted_layer({JWE_KEYS: 1})]))
+    elif case == "pubopts annotation a number":
+        builder.add(builder.manifest([_encrypted_layer({PUBOPTS: 2})]))
+    elif case == "layer media type a list":
+        builder.add(builder.manifest([Layer(os.urandom(3000), extra={"mediaType": [GZIP]})]))
+    elif case == "index.json entry annotations a list":
+        builder.add(builder.manifest(random_layers(1)), ref=None)
+        index = json.loads((root / "index.json").read_text())
+        index["manifests"][0]["annotations"] = ["latest"]
+        (root / "index.json").write_text(json.dumps(index))
+    else:
+        raise AssertionError(case)
+
+
+MALFORMED: list[tuple[str, list[str], str]] = [
+    ("index without manifests", ["layerinfo"], "is not an image index (it has no manifests"),
+    ("index manifests a number", ["layerinfo"], "is not an image index (it has no manifests"),
+    ("index manifests a number", ["encrypt"], "is not an image index"),
+    ("manifest without layers", ["layerinfo"], "is not an image manifest (it has no layers"),
+    ("manifest without layers", ["encrypt"], "is not an image manifest"),
+    ("manifest an array", ["layerinfo"], "is not an image manifest (it has no layers"),
+    ("layer annotations a list", ["encrypt"], "layer 0 of manifest sha256:"),
+    ("layer annotations a list", ["layerinfo"], "annotations that are not a JSON object"),
+    ("keys annotation a number", ["layerinfo"], f"annotation '{JWE_KEYS}' that is not a"),
+    ("keys annotation a number", ["layerinfo", "--key", str(PRIV)], f"annotation '{JWE_KEYS}'"),
+    ("keys annotation a number", ["decrypt", "--key", str(PRIV)], f"annotation '{JWE_KEYS}'"),
+    ("pubopts annotation a number", ["decrypt", "--key", str(PRIV)], f"annotation '{PUBOPTS}'"),
+    ("pubopts annotation a number", ["layerinfo", "--key", str(PRIV)], f"'{PUBOPTS}' that is"),
+    ("layer media type a list", ["encrypt"], "layer 0 of manifest sha256:"),
+    ("index.json entry annotations a list", ["encrypt"], "annotations that are not a JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "command", "message"), MALFORMED,
+                         ids=[f"{c}-{' '.join(a[:1])}" for c, a, _ in MALFORMED])
+def test_malformed_source_is_one_line(
+    encoder: Encoder, tmp_path: Path, case: str, command: list[str], message: str
+) -> None:
+    _malformed(tmp_path / "src", case)
+    before = tree_state(tmp_path)
+    arguments = [*command]
+    if command[0] == "encrypt":
+        arguments += ["--recipient", f"jwe:{PUB}"]
+    arguments.append(f"oci:{tmp_path / 'src'}")
+    if command[0] != "layerinfo":
+        arguments.append(f"oci:{tmp_path / 'dst'}")
+    refused(encoder(*arguments), message)
+    assert tree_state(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
