@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -49,6 +50,7 @@ from decoder.spec import (
 )
 
 MAX_DEPTH = 8
+MAX_DESCRIPTORS = 10_000  # listed by the distinct indexes and manifests of one image
 WRAP_SCHEMES = ("jwe", "pkcs7")
 # recipient prefixes skopeo knows that this version does not wrap for yet
 LATER_SCHEMES = {"pgp": "PGP", "pkcs11": "PKCS#11", "provider": "key-provider"}
@@ -309,10 +311,19 @@ class Node:
         return str(self.platform) if self.platform else "the image"
 
     def manifests(self) -> Iterator[Node]:
-        if self.kind == "manifest":
-            yield self
-        for child in self.children:
-            yield from child.manifests()
+        """The distinct manifests below (a manifest listed again is the same Node)."""
+        seen: set[int] = set()
+
+        def walk(node: Node) -> Iterator[Node]:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            if node.kind == "manifest":
+                yield node
+            for child in node.children:
+                yield from walk(child)
+
+        return walk(self)
 
 
 def _kind(descriptor: dict[str, Any], body: Any) -> str:
@@ -330,53 +341,96 @@ def _kind(descriptor: dict[str, Any], body: Any) -> str:
     return "other"
 
 
-def load_tree(
-    layout: Layout, descriptor: dict[str, Any], depth: int = 0,
-    what: str = f"the {ocilayout.INDEX_FILE} entry of the image",
-) -> Node:
-    """Read an image from SRC: indexes and manifests (digest-verified), not the layers. Each
-    descriptor is checked (digest, size, string media type and annotations) and each index
-    and manifest must have its list, so malformed ones are refused here, naming the blob."""
-    if depth > MAX_DEPTH:
-        raise LayoutError(f"{layout.where}: indexes nested more than {MAX_DEPTH} deep")
-    ocilayout.check_descriptor(descriptor, what)
-    media_type = descriptor.get("mediaType")
-    if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
-                                         DOCKER_MANIFEST):
-        return Node(descriptor, "other")
-    raw, body = layout.read_json_blob(descriptor, "a manifest or index")
-    digest = descriptor["digest"]
-    kind = _kind(descriptor, body)
-    node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
-    if kind == "index":
-        children = body.get("manifests") if isinstance(body, dict) else None
-        if not isinstance(children, list):
+class _TreeReader:
+    """Reads an image tree from SRC as a graph of distinct nodes: each JSON blob is read,
+    verified and parsed once, and a descriptor listed again (the same manifest in several
+    indexes, or many times in one) is the same Node, walked once. The descriptors of the
+    distinct nodes (index entries, configs, layers) are counted against MAX_DESCRIPTORS, so
+    the work and memory stay bounded by the distinct structure whatever the repeats."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.blobs: dict[tuple[str, int], tuple[bytes, Any]] = {}
+        self.platforms: dict[tuple[str, int], Platform | None] = {}
+        self.nodes: dict[bytes, Node] = {}
+        self.walked = 0
+
+    def count(self, n: int, what: str) -> None:
+        self.walked += n
+        if self.walked > MAX_DESCRIPTORS:
             raise LayoutError(
-                f"{layout.where}: index {digest} is not an image index (it has no manifests list)"
+                f"{self.layout.where}: {what} takes the image past {MAX_DESCRIPTORS} "
+                "descriptors (index entries, configs and layers); refused as malformed"
             )
-        for i, child in enumerate(children):
-            if not isinstance(child, dict):
-                raise LayoutError(f"{layout.where}: index {digest} lists a non-object (entry {i})")
-            node.children.append(
-                load_tree(layout, child, depth + 1, f"entry {i} of index {digest}")
-            )
-    elif kind == "manifest":
-        layers = body.get("layers") if isinstance(body, dict) else None
-        if not isinstance(layers, list):
-            raise LayoutError(
-                f"{layout.where}: manifest {digest} is not an image manifest "
-                "(it has no layers list)"
-            )
-        config = body.get("config")
-        ocilayout.check_descriptor(config, f"the config of manifest {digest}")
-        for i, layer in enumerate(layers):
-            ocilayout.check_descriptor(layer, f"layer {i} of manifest {digest}")
-            node.layers.append(LayerPlan(i, layer))
-        node.platform = _platform_of(descriptor.get("platform"))
-        if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):
-            _, config_body = layout.read_json_blob(config, "an image config")
-            node.platform = _platform_of(config_body)
-    return node
+
+    def json_blob(self, descriptor: dict[str, Any], what: str) -> tuple[bytes, Any]:
+        key = ocilayout.check_descriptor(descriptor, what)
+        if key not in self.blobs:
+            self.blobs[key] = self.layout.read_json_blob(descriptor, what)
+        return self.blobs[key]
+
+    def config_platform(self, config: dict[str, Any], what: str) -> Platform | None:
+        key = ocilayout.check_descriptor(config, what)
+        if key not in self.platforms:
+            _, body = self.json_blob(config, "an image config")
+            self.platforms[key] = _platform_of(body)
+        return self.platforms[key]
+
+    def node(self, descriptor: dict[str, Any], what: str, depth: int = 0) -> Node:
+        if depth > MAX_DEPTH:
+            raise LayoutError(f"{self.layout.where}: indexes nested more than {MAX_DEPTH} deep")
+        ocilayout.check_descriptor(descriptor, what)
+        key = json.dumps(descriptor, sort_keys=True).encode()
+        if key not in self.nodes:
+            self.nodes[key] = self._read(descriptor, depth)
+        return self.nodes[key]
+
+    def _read(self, descriptor: dict[str, Any], depth: int) -> Node:
+        media_type = descriptor.get("mediaType")
+        if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
+                                             DOCKER_MANIFEST):
+            return Node(descriptor, "other")
+        raw, body = self.json_blob(descriptor, "a manifest or index")
+        digest = descriptor["digest"]
+        kind = _kind(descriptor, body)
+        node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
+        if kind == "index":
+            children = body.get("manifests") if isinstance(body, dict) else None
+            if not isinstance(children, list):
+                raise LayoutError(
+                    f"{self.layout.where}: index {digest} is not an image index "
+                    "(it has no manifests list)"
+                )
+            self.count(len(children), f"index {digest}")
+            for i, child in enumerate(children):
+                if not isinstance(child, dict):
+                    raise LayoutError(
+                        f"{self.layout.where}: index {digest} lists a non-object (entry {i})"
+                    )
+                node.children.append(self.node(child, f"entry {i} of index {digest}", depth + 1))
+        elif kind == "manifest":
+            layers = body.get("layers") if isinstance(body, dict) else None
+            if not isinstance(layers, list):
+                raise LayoutError(
+                    f"{self.layout.where}: manifest {digest} is not an image manifest "
+                    "(it has no layers list)"
+                )
+            self.count(1 + len(layers), f"manifest {digest}")
+            config = body.get("config")
+            what = f"the config of manifest {digest}"
+            ocilayout.check_descriptor(config, what)
+            for i, layer in enumerate(layers):
+                ocilayout.check_descriptor(layer, f"layer {i} of manifest {digest}")
+                node.layers.append(LayerPlan(i, layer))
+            node.platform = _platform_of(descriptor.get("platform"))
+            if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):
+                node.platform = self.config_platform(config, what)
+        return node
+
+
+def load_tree(layout: Layout, descriptor: dict[str, Any]) -> Node:
+    """Read an image from SRC: indexes and manifests (digest-verified), not the layers."""
+    return _TreeReader(layout).node(descriptor, f"the {ocilayout.INDEX_FILE} entry of the image")
 
 
 def select(root: Node, platforms: list[Platform], layers: list[int], source: Location) -> None:
@@ -524,9 +578,16 @@ class Writer:
         self.destination = destination
         self.reporter = reporter
         self.done: dict[tuple[str, str], dict[str, Any]] = {}
+        self.written: dict[int, dict[str, Any]] = {}  # id(node) -> its new descriptor
 
     def node(self, node: Node) -> dict[str, Any]:
-        """Write a node and everything below it; return its (possibly new) descriptor."""
+        """Write a node and everything below it, once however often it is listed; return its
+        (possibly new) descriptor."""
+        if id(node) not in self.written:
+            self.written[id(node)] = self._node(node)
+        return self.written[id(node)]
+
+    def _node(self, node: Node) -> dict[str, Any]:
         if node.kind == "other":
             self.destination.copy_blob(self.layout, node.descriptor, "a blob")
             return node.descriptor
@@ -820,33 +881,41 @@ def layer_info(
     kids = {jwe.thumbprint(r.key): r.source for r in known if r.scheme == "jwe"}
     kids.update({jwe.thumbprint(k.key.public_key()): k.source for k in ring.private_keys})
     manifests = []
+    described: dict[bytes, dict[str, Any]] = {}  # a layer shared by manifests, done once
     for node in root.manifests():
         if not node.selected:
             continue
         layers = []
         for plan_ in node.layers:
-            descriptor = plan_.descriptor
-            annotations = descriptor.get("annotations") or {}
-            annotations = annotations if isinstance(annotations, dict) else {}
-            media_type = str(descriptor.get("mediaType"))
-            info: dict[str, Any] = {
-                "index": plan_.index,
-                "digest": descriptor["digest"],
-                "size": descriptor["size"],
-                "mediaType": media_type,
-                "encrypted": media_type in ENCRYPTED_TO_PLAIN,
-                "schemes": list(keywrap.wrapped_keys(annotations)),
-                "recipients": _recipients(annotations, kids),
-            }
-            if ring.private_keys and info["encrypted"]:
-                info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
-            layers.append(info)
+            key = json.dumps(plan_.descriptor, sort_keys=True).encode()
+            if key not in described:
+                described[key] = _describe_layer(node, plan_, ring, kids)
+            layers.append({"index": plan_.index, **described[key]})
         manifests.append({
             "platform": str(node.platform) if node.platform else None,
             "manifest": node.descriptor["digest"],
             "layers": layers,
         })
     return {"image": str(source), "digest": entry["digest"], "manifests": manifests}
+
+
+def _describe_layer(
+    node: Node, plan_: LayerPlan, ring: keys.KeyRing, kids: dict[str, str]
+) -> dict[str, Any]:
+    descriptor = plan_.descriptor
+    annotations = descriptor.get("annotations") or {}
+    media_type = str(descriptor.get("mediaType"))
+    info: dict[str, Any] = {
+        "digest": descriptor["digest"],
+        "size": descriptor["size"],
+        "mediaType": media_type,
+        "encrypted": media_type in ENCRYPTED_TO_PLAIN,
+        "schemes": list(keywrap.wrapped_keys(annotations)),
+        "recipients": _recipients(annotations, kids),
+    }
+    if ring.private_keys and info["encrypted"]:
+        info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
+    return info
 
 
 def _opened_by(plan_: LayerPlan, label: str, ring: keys.KeyRing) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from decoder import encode_cli
+from decoder import encode_cli, ocilayout
 from tests.layouts import (
     GZIP,
     OCI_CONFIG,
@@ -25,6 +25,7 @@ from tests.layouts import (
     OCI_MANIFEST,
     Layer,
     LayoutBuilder,
+    Reader,
     random_layers,
     tree_state,
 )
@@ -92,6 +93,74 @@ def config(builder: LayoutBuilder) -> dict[str, Any]:
 def manifest_of(builder: LayoutBuilder, layers: list[dict[str, Any]]) -> dict[str, Any]:
     return builder.json_blob({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                               "config": config(builder), "layers": layers}, OCI_MANIFEST)
+
+
+# --- 1. an image graph that lists the same blobs over and over -----------------------------
+
+
+def repeating_image(root: Path, repeats: int) -> LayoutBuilder:
+    """An index listing one sub-index `repeats` times, which lists one manifest `repeats`
+    times: repeats**2 paths to a single manifest."""
+    builder = LayoutBuilder(root)
+    manifest = {**builder.manifest([Layer(os.urandom(100))]),
+                "platform": {"os": "linux", "architecture": "amd64"}}
+    inner = builder.json_blob({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                               "manifests": [manifest] * repeats}, OCI_INDEX)
+    outer = builder.json_blob({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                               "manifests": [inner] * repeats}, OCI_INDEX)
+    builder.add(outer)
+    return builder
+
+
+@pytest.fixture
+def json_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The digest of every manifest, index and config the encoder reads from SRC."""
+    reads: list[str] = []
+    original = ocilayout.Layout.read_json_blob
+
+    def counting(self: ocilayout.Layout, descriptor: dict[str, Any], what: str) -> Any:
+        reads.append(str(descriptor.get("digest")))
+        return original(self, descriptor, what)
+
+    monkeypatch.setattr(ocilayout.Layout, "read_json_blob", counting)
+    return reads
+
+
+def test_a_repeated_subindex_is_read_and_walked_once(
+    encoder: Encoder, tmp_path: Path, json_reads: list[str]
+) -> None:
+    """100 x 100 paths to one manifest: each of the three JSON blobs is read once, layerinfo
+    lists the one manifest once, and encrypt writes it once while keeping both indexes'
+    100 entries (the path-by-path walk read 20,000 blobs; at 3000 x 3000 it never ended)."""
+    repeating_image(tmp_path / "src", 100)
+    info = json.loads(ok(encoder("layerinfo", "--json", f"oci:{tmp_path / 'src'}")).stdout)
+    assert len(info["manifests"]) == 1
+    assert len(json_reads) == len(set(json_reads)) == 3, len(json_reads)
+    json_reads.clear()
+    ok(encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+               f"oci:{tmp_path / 'enc'}"))
+    assert len(json_reads) == 3, len(json_reads)
+    out = Reader(tmp_path / "enc")
+    outer = out.json(out.entry()["digest"])
+    assert len(outer["manifests"]) == 100 and len({m["digest"] for m in outer["manifests"]}) == 1
+    inner = out.json(outer["manifests"][0]["digest"])
+    assert len(inner["manifests"]) == 100 and len({m["digest"] for m in inner["manifests"]}) == 1
+    (layer,) = out.json(inner["manifests"][0]["digest"])["layers"]
+    assert layer["mediaType"] == GZIP + "+encrypted"
+    ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}", f"oci:{tmp_path / 'dec'}"))
+
+
+def test_more_descriptors_than_the_limit_are_refused(encoder: Encoder, tmp_path: Path) -> None:
+    builder = LayoutBuilder(tmp_path / "src")
+    manifest = builder.manifest([Layer(os.urandom(100))])
+    builder.add(builder.json_blob({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                   "manifests": [manifest] * 10_001}, OCI_INDEX))
+    before = tree_state(tmp_path)
+    for command in (["layerinfo"], ["encrypt", "--recipient", f"jwe:{PUB}"]):
+        destination = [f"oci:{tmp_path / 'dst'}"] if command[0] == "encrypt" else []
+        refused(encoder(*command, f"oci:{tmp_path / 'src'}", *destination),
+                "past 10000 descriptors", "refused as malformed")
+    assert tree_state(tmp_path) == before
 
 
 # --- 2. malformed indexes, manifests and annotations ---------------------------------------
