@@ -35,6 +35,10 @@ _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]+)")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK
+# a blob's header in an archive: a PAX extended header (its path, which for a sha512 blob is
+# longer than ustar's 100 characters, and its size past 8 GiB) and the ustar header, always
+# these three blocks, so that room for it can be left before the blob's digest is known
+_BLOB_HEADER = 3 * _TAR_BLOCK
 
 Progress = Callable[[int], None]
 
@@ -475,8 +479,9 @@ class ArchiveDestination(Destination):
     """An oci-archive tar written to a temporary file beside FILE and renamed over it.
 
     Blobs are streamed straight into the tar: a placeholder header goes first and is
-    rewritten with the blob's name and size once its digest is known. An existing archive's
-    blobs and index entries are carried over."""
+    rewritten with the blob's name and size once its digest is known (a PAX header, so
+    sha512 names and sizes past 8 GiB fit). An existing archive's blobs and index entries
+    are carried over."""
 
     def __init__(self, location: Location) -> None:
         super().__init__(location)
@@ -504,13 +509,15 @@ class ArchiveDestination(Destination):
             raise
 
     @staticmethod
-    def _header(name: str, size: int, directory: bool = False) -> bytes:
+    def _header(name: str, size: int, directory: bool = False, blob: bool = False) -> bytes:
         info = tarfile.TarInfo(name)
         info.size = size
         info.mtime = 0
         info.mode = 0o755 if directory else 0o644
         info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
-        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        if blob:  # always the PAX header, even when ustar could do: _BLOB_HEADER bytes
+            info.pax_headers = {"path": name}
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
 
     def _write(self, data: bytes) -> None:
         write_all(self._fd, memoryview(data), self.location.path)
@@ -530,7 +537,7 @@ class ArchiveDestination(Destination):
     @contextlib.contextmanager
     def blob_sink(self) -> Iterator[BlobSink]:
         start = os.lseek(self._fd, 0, os.SEEK_END)
-        self._write(bytes(_TAR_BLOCK))
+        self._write(bytes(_BLOB_HEADER))
         sink = BlobSink(self._fd, self, start)
         try:
             yield sink
@@ -542,14 +549,19 @@ class ArchiveDestination(Destination):
     def _commit_sink(self, sink: BlobSink, digest: str, size: int) -> None:
         start: int = sink.token
         end = os.lseek(self._fd, 0, os.SEEK_CUR)
-        if end - start - _TAR_BLOCK != size:
-            raise LayoutError(f"blob {digest}: wrote {end - start - _TAR_BLOCK} bytes, not {size}")
+        written = end - start - _BLOB_HEADER
+        if written != size:
+            raise LayoutError(f"blob {digest}: wrote {written} bytes, not {size}")
         if digest in self._written:
             os.ftruncate(self._fd, start)
             os.lseek(self._fd, start, os.SEEK_SET)
             return
+        header = self._header(blob_name(digest), size, blob=True)
+        if len(header) != _BLOB_HEADER:
+            raise LayoutError(f"blob {digest}: its tar header is {len(header)} bytes, not "
+                              f"the {_BLOB_HEADER} set aside for it")
         self._pad(size)
-        os.pwrite(self._fd, self._header(blob_name(digest), size), start)
+        os.pwrite(self._fd, header, start)
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:

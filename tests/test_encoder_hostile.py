@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +236,82 @@ def test_malformed_source_is_one_line(
     refused(encoder(*arguments), message)
     assert tree_state(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- 3. sha512 blobs and long names in archives --------------------------------------------
+
+
+def sha512_image(root: Path) -> tuple[bytes, str, Layer]:
+    """A manifest whose first layer is addressed by sha512, its second a plain sha256 one."""
+    builder = LayoutBuilder(root)
+    data = os.urandom(2000)
+    d512 = write_blob(root, data, "sha512")
+    plain = Layer(os.urandom(3000))
+    builder.blob(plain.data)
+    builder.add(manifest_of(builder, [{"mediaType": GZIP, "digest": d512, "size": len(data)},
+                                      plain.descriptor()]))
+    return data, d512, plain
+
+
+def extract(archive: Path, into: Path) -> None:
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+
+
+def test_sha512_blob_round_trips_through_an_archive(encoder: Encoder, tmp_path: Path) -> None:
+    data, d512, plain = sha512_image(tmp_path / "src")
+    ok(encoder("encrypt", "--recipient", f"jwe:{PUB}", "--layer", "1",
+               f"oci:{tmp_path / 'src'}", f"oci-archive:{tmp_path / 'enc.tar'}"))
+    with tarfile.open(tmp_path / "enc.tar") as tar:
+        names = tar.getnames()
+    assert f"blobs/sha512/{d512[7:]}" in names
+    extract(tmp_path / "enc.tar", tmp_path / "enc")
+    assert (tmp_path / "enc" / "blobs" / "sha512" / d512[7:]).read_bytes() == data
+    (_, encrypted) = Reader(tmp_path / "enc").manifest()["layers"]
+    assert Reader(tmp_path / "enc").blob(encrypted["digest"]) != plain.data
+    # the archive as SRC: read (layerinfo), decrypted into another archive and a directory
+    info = json.loads(ok(encoder("layerinfo", "--json",
+                                 f"oci-archive:{tmp_path / 'enc.tar'}")).stdout)
+    assert info["manifests"][0]["layers"][0]["digest"] == d512
+    ok(encoder("decrypt", "--key", PRIV, f"oci-archive:{tmp_path / 'enc.tar'}",
+               f"oci-archive:{tmp_path / 'dec.tar'}"))
+    ok(encoder("decrypt", "--key", PRIV, f"oci-archive:{tmp_path / 'enc.tar'}",
+               f"oci:{tmp_path / 'dec'}"))
+    extract(tmp_path / "dec.tar", tmp_path / "dec-from-tar")
+    for root in (tmp_path / "dec", tmp_path / "dec-from-tar"):
+        layers = Reader(root).manifest()["layers"]
+        assert layers == [{"mediaType": GZIP, "digest": d512, "size": len(data)},
+                          plain.descriptor()]
+        assert (root / "blobs" / "sha512" / d512[7:]).read_bytes() == data
+
+
+def test_decrypting_to_a_sha512_plaintext_digest_in_an_archive(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """A layer whose private options give a sha512 plaintext digest is stored under it."""
+    plaintext = os.urandom(5000)
+    d512 = "sha512:" + hashlib.sha512(plaintext).hexdigest()
+    layer = encrypt_layer(plaintext, [PUB], private={"digest": d512})
+    builder = LayoutBuilder(tmp_path / "src")
+    builder.blob(layer.ciphertext)
+    builder.add(manifest_of(builder, [layer.descriptor]))
+    result = ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'src'}",
+                        f"oci-archive:{tmp_path / 'dec.tar'}"))
+    assert d512 in result.stdout  # the decrypted layer's new digest is public
+    extract(tmp_path / "dec.tar", tmp_path / "dec")
+    (got,) = Reader(tmp_path / "dec").manifest()["layers"]
+    assert got["digest"] == d512
+    assert (tmp_path / "dec" / "blobs" / "sha512" / d512[7:]).read_bytes() == plaintext
+
+
+@pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_archives_with_long_names_are_read(encoder: Encoder, tmp_path: Path, form: int) -> None:
+    data, d512, _ = sha512_image(tmp_path / "src")
+    with tarfile.open(tmp_path / "src.tar", "w", format=form) as tar:
+        for path in sorted((tmp_path / "src").rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(tmp_path / "src")), recursive=False)
+    ok(encoder("encrypt", "--recipient", f"jwe:{PUB}", "--layer", "1",
+               f"oci-archive:{tmp_path / 'src.tar'}", f"oci:{tmp_path / 'enc'}"))
+    (kept, encrypted) = Reader(tmp_path / "enc").manifest()["layers"]
+    assert kept["digest"] == d512 and encrypted["mediaType"] == GZIP + "+encrypted"
+    assert (tmp_path / "enc" / "blobs" / "sha512" / d512[7:]).read_bytes() == data
