@@ -115,15 +115,30 @@ def parse_recipient(spec: str) -> Recipient:
     if not path:
         raise UsageError(f"recipient {spec!r} names no file")
     data = _read_small_file(path, "recipient key")
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     if scheme == "jwe":
-        key = keys.load_public_key(data, path)
+        try:
+            key = keys.load_public_key(data, path)
+        except UnsupportedAlgorithm as e:
+            raise KeyLoadError(
+                f"recipient key {path} is of a type this version cannot use ({e}); a jwe: "
+                "recipient is an RSA or EC (P-256, P-384, P-521) public key or certificate"
+            ) from e
         kind = jwe.public_jwk(key)
         name = f"RSA {key.key_size}" if kind["kty"] == "RSA" else f"EC {kind['crv']}"
         return Recipient(scheme, path, key, f"{name} kid {jwe.thumbprint(key)}")
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     certificate = keys.load_certificate(data, path)
-    if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
+    try:
+        public_key = certificate.public_key()
+    except UnsupportedAlgorithm as e:
+        raise KeyLoadError(
+            f"{path}: the certificate's key is of a type this version cannot use ({e}); a "
+            "pkcs7 recipient's certificate must hold an RSA key"
+        ) from e
+    if not isinstance(public_key, rsa.RSAPublicKey):
         raise KeyLoadError(f"{path}: a pkcs7 recipient's certificate must hold an RSA key")
     subject = certificate.subject.rfc4514_string() or "(empty subject)"
     return Recipient(scheme, path, certificate, f"{subject} serial {certificate.serial_number}")
@@ -220,7 +235,7 @@ def parse_key_argument(text: str) -> tuple[str, bytes | None]:
     if secret.startswith("fd="):
         try:
             return path, os.read(int(secret[len("fd=") :]), 64).rstrip(b"\n")
-        except (ValueError, OSError) as e:
+        except (ValueError, OverflowError, OSError) as e:
             raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
     return path, secret.encode()
 

@@ -326,6 +326,18 @@ def open_layout(location: Location) -> Layout:
 # --- writing ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _writing(what: str, path: str) -> Iterator[None]:
+    """Turn an OSError while writing DST into one LayoutError line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        # the directory the failed call worked in (the file names there are temporary)
+        place = f" in {os.path.dirname(e.filename)}" if isinstance(e.filename, str) else ""
+        raise LayoutError(f"cannot write {what} {path}: {reason}{place}") from e
+
+
 @dataclass
 class BlobSink:
     """Where one new blob is being written: write its bytes to `fd`, then commit it."""
@@ -395,13 +407,18 @@ class DirectoryDestination(Destination):
     def __init__(self, location: Location) -> None:
         super().__init__(location)
         path = location.path
-        self._added: list[str] = []
-        if os.path.isdir(path) and os.listdir(path):
+        self._added: list[str] = []  # blobs new in an existing layout, removed by abort()
+        self._created: list[str] = []  # directories likewise
+        self._staging: str | None = None
+        try:
+            populated = os.path.isdir(path) and bool(os.listdir(path))
+        except OSError as e:
+            raise LayoutError(f"{path} cannot be read: {e.strerror}") from e
+        if populated:
             if not os.path.isfile(os.path.join(path, LAYOUT_FILE)):
                 raise LayoutError(f"{path} exists and is not an OCI image layout")
             self.existing = Layout(location)
             self.root = path
-            self._staging: str | None = None
         elif os.path.lexists(path) and not os.path.isdir(path):
             raise LayoutError(f"{path} exists and is not a directory")
         else:
@@ -409,10 +426,21 @@ class DirectoryDestination(Destination):
             if not os.path.isdir(parent):
                 raise LayoutError(f"the directory {parent} for {path} does not exist")
             name = os.path.basename(os.path.abspath(path))
-            self._staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+            with _writing("the new OCI layout", path):
+                self._staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial",
+                                                 dir=parent)
             self.root = self._staging
-            with open(os.path.join(self.root, LAYOUT_FILE), "wb") as f:
-                f.write(LAYOUT_VERSION)
+            try:
+                with _writing("the new OCI layout", path), \
+                        open(os.path.join(self.root, LAYOUT_FILE), "wb") as f:
+                    f.write(LAYOUT_VERSION)
+            except BaseException:
+                self.abort()
+                raise
+
+    @property
+    def _what(self) -> str:
+        return "the new OCI layout" if self._staging is not None else "into the OCI layout"
 
     def has_blob(self, digest: str) -> bool:
         return digest in self._written or os.path.isfile(os.path.join(self.root, blob_name(digest)))
@@ -420,8 +448,11 @@ class DirectoryDestination(Destination):
     @contextlib.contextmanager
     def blob_sink(self) -> Iterator[BlobSink]:
         directory = os.path.join(self.root, "blobs")
-        os.makedirs(directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".partial-", dir=directory)
+        with _writing(self._what, self.location.path):
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+                self._created.append(directory)
+            fd, temp = tempfile.mkstemp(prefix=".partial-", dir=directory)
         sink = BlobSink(fd, self, temp)
         try:
             yield sink
@@ -433,25 +464,38 @@ class DirectoryDestination(Destination):
 
     def _commit_sink(self, sink: BlobSink, digest: str, size: int) -> None:
         final = os.path.join(self.root, blob_name(digest))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.fchmod(sink.fd, 0o644)
-        os.fsync(sink.fd)
-        existed = os.path.exists(final)
-        os.replace(sink.token, final)
+        with _writing(self._what, self.location.path):
+            directory = os.path.dirname(final)
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+                self._created.append(directory)
+            os.fchmod(sink.fd, 0o644)
+            os.fsync(sink.fd)
+            existed = os.path.exists(final)
+            os.replace(sink.token, final)
         if not existed:
             self._added.append(final)
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
-        fd, temp = tempfile.mkstemp(prefix=".index.", dir=self.root)
-        try:
-            write_all(fd, memoryview(json_bytes(index)), "index.json")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(temp, 0o644)
-        os.replace(temp, os.path.join(self.root, INDEX_FILE))
-        if self._staging is not None:
+        with _writing(self._what, self.location.path):
+            fd, temp = tempfile.mkstemp(prefix=".index.", dir=self.root)
+            try:
+                try:
+                    write_all(fd, memoryview(json_bytes(index)), "index.json")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(temp, 0o644)
+                os.replace(temp, os.path.join(self.root, INDEX_FILE))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+            if self._staging is None:  # the existing layout's new index.json is in place
+                self._added.clear()
+                self._created.clear()
+                return
             for directory in (self.root, os.path.join(self.root, "blobs")):
                 os.chmod(directory, 0o755)  # noqa: S103 (a layout is public, as skopeo's)
             try:
@@ -461,7 +505,6 @@ class DirectoryDestination(Destination):
                     f"cannot move the new layout into place at {self.location.path}: {e.strerror}"
                 ) from e
             self._staging = None
-        self._added.clear()
 
     def abort(self) -> None:
         if self._staging is not None:
@@ -472,7 +515,11 @@ class DirectoryDestination(Destination):
         for path in self._added:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         self._added.clear()
+        self._created.clear()
 
 
 class ArchiveDestination(Destination):
@@ -494,8 +541,11 @@ class ArchiveDestination(Destination):
         if not os.path.isdir(parent):
             raise LayoutError(f"the directory {parent} for {path} does not exist")
         name = os.path.basename(os.path.abspath(path))
-        self._fd, self._temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+        with _writing("the oci-archive", path):
+            self._fd, self._temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial",
+                                                    dir=parent)
         self._closed = False
+        self._temp_left = True  # the temporary file is still there to remove on abort
         try:
             self._add_entry(LAYOUT_FILE, LAYOUT_VERSION)
             for directory in ("blobs/", "blobs/sha256/"):
@@ -534,6 +584,11 @@ class ArchiveDestination(Destination):
     def has_blob(self, digest: str) -> bool:
         return digest in self._written
 
+    def _truncate(self, offset: int) -> None:
+        with _writing("the oci-archive", self.location.path):
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
+
     @contextlib.contextmanager
     def blob_sink(self) -> Iterator[BlobSink]:
         start = os.lseek(self._fd, 0, os.SEEK_END)
@@ -543,8 +598,7 @@ class ArchiveDestination(Destination):
             yield sink
         finally:
             if not sink.committed:
-                os.ftruncate(self._fd, start)
-                os.lseek(self._fd, start, os.SEEK_SET)
+                self._truncate(start)
 
     def _commit_sink(self, sink: BlobSink, digest: str, size: int) -> None:
         start: int = sink.token
@@ -553,33 +607,37 @@ class ArchiveDestination(Destination):
         if written != size:
             raise LayoutError(f"blob {digest}: wrote {written} bytes, not {size}")
         if digest in self._written:
-            os.ftruncate(self._fd, start)
-            os.lseek(self._fd, start, os.SEEK_SET)
+            self._truncate(start)
             return
         header = self._header(blob_name(digest), size, blob=True)
         if len(header) != _BLOB_HEADER:
             raise LayoutError(f"blob {digest}: its tar header is {len(header)} bytes, not "
                               f"the {_BLOB_HEADER} set aside for it")
         self._pad(size)
-        os.pwrite(self._fd, header, start)
+        with _writing("the oci-archive", self.location.path):
+            os.pwrite(self._fd, header, start)
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
         self._add_entry(INDEX_FILE, json_bytes(index))
         end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
         self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
-        os.fchmod(self._fd, 0o644)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._closed = True
-        os.replace(self._temp, self.location.path)
+        with _writing("the oci-archive", self.location.path):
+            os.fchmod(self._fd, 0o644)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._closed = True
+            os.replace(self._temp, self.location.path)
+            self._temp_left = False
 
     def abort(self) -> None:
         if not self._closed:
             os.close(self._fd)
             self._closed = True
+        if self._temp_left:
             with contextlib.suppress(OSError):
                 os.unlink(self._temp)
+            self._temp_left = False
 
 
 def open_destination(location: Location) -> Destination:

@@ -6,12 +6,16 @@ digests it must not show. Each failure must be one line `ctd-encoder: ...` with 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from tests.layouts import (
     LayoutBuilder,
     Reader,
     random_layers,
+    simple_image,
     tree_state,
 )
 from tests.support import KEYS, encrypt_layer
@@ -315,3 +320,149 @@ def test_archives_with_long_names_are_read(encoder: Encoder, tmp_path: Path, for
     (kept, encrypted) = Reader(tmp_path / "enc").manifest()["layers"]
     assert kept["digest"] == d512 and encrypted["mediaType"] == GZIP + "+encrypted"
     assert (tmp_path / "enc" / "blobs" / "sha512" / d512[7:]).read_bytes() == data
+
+
+# --- 4. recipients, --key arguments and destinations it cannot use -------------------------
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    return bytes([tag]) + (bytes([length]) if length < 128 else bytes([0x81, length])) + content
+
+
+def _oid(dotted: str) -> bytes:
+    first, second, *rest = (int(p) for p in dotted.split("."))
+    body = bytes([40 * first + second])
+    for part in rest:
+        encoded = [part & 0x7F]
+        part >>= 7
+        while part:
+            encoded.append(0x80 | (part & 0x7F))
+            part >>= 7
+        body += bytes(reversed(encoded))
+    return _der(0x06, body)
+
+
+def _spki(algorithm: bytes, key: bytes) -> bytes:
+    return _der(0x30, _der(0x30, algorithm) + _der(0x03, b"\x00" + key))
+
+
+SM2_SPKI = _spki(_oid("1.2.840.10045.2.1") + _oid("1.2.156.10197.1.301"),
+                 b"\x04" + bytes(range(1, 65)))
+UNKNOWN_SPKI = _spki(_oid("1.2.3.4"), bytes(32))
+
+
+def _pem(der: bytes) -> bytes:
+    return (b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(der)
+            + b"-----END PUBLIC KEY-----\n")
+
+
+UNSUPPORTED_RECIPIENTS = [
+    ("sm2.pub.pem", _pem(SM2_SPKI), "Curve 1.2.156.10197.1.301 is not supported"),
+    ("sm2.pub.der", SM2_SPKI, "Curve 1.2.156.10197.1.301"),
+    ("unknown.pub.pem", _pem(UNKNOWN_SPKI), "1.2.3.4"),
+    ("unknown.pub.der", UNKNOWN_SPKI, "1.2.3.4"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), UNSUPPORTED_RECIPIENTS,
+                         ids=[name for name, _, _ in UNSUPPORTED_RECIPIENTS])
+def test_recipient_key_of_an_unsupported_type(
+    encoder: Encoder, tmp_path: Path, name: str, content: bytes, reason: str
+) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    (tmp_path / name).write_bytes(content)
+    before = tree_state(tmp_path)
+    refused(encoder("encrypt", "--recipient", f"jwe:{tmp_path / name}",
+                    f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"),
+            f"recipient key {tmp_path / name} is of a type this version cannot use", reason,
+            "RSA or EC")
+    refused(encoder("layerinfo", "--recipient", f"jwe:{tmp_path / name}",
+                    f"oci:{tmp_path / 'src'}"), reason)
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("fd", ["99999999999999999999", "-1", "x"])
+def test_key_password_fd_out_of_range(encoder: Encoder, tmp_path: Path, fd: str) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    refused(encoder("layerinfo", "--key", f"{PRIV}x:fd={fd}", f"oci:{tmp_path / 'src'}"),
+            f"cannot read its password from fd={fd}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("destination", ["oci:/proc/new-layout", "oci-archive:/proc/new.tar",
+                                         "oci:/sys/new-layout", "oci-archive:/sys/new.tar"])
+def test_destination_in_a_pseudo_filesystem(
+    encoder: Encoder, tmp_path: Path, destination: str
+) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    transport, _, path = destination.partition(":")
+    what = "the new OCI layout" if transport == "oci" else "the oci-archive"
+    refused(encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+                    destination), f"cannot write {what} {path}: ", f" in {os.path.dirname(path)}")
+    assert not os.path.lexists(path)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[tuple[Path, list[str]]]:
+    """A world-readable scratch directory and the command prefix that runs ctd-encoder as a
+    user without write access to what the test makes read-only: `nobody` under root
+    (setpriv), the user itself otherwise (permissions are then taken away with chmod)."""
+    scratch = Path(tempfile.mkdtemp(prefix="ctd-encoder-unwritable-"))
+    scratch.chmod(0o755)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv to drop privileges")
+        prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        probe = subprocess.run([*prefix, str(SCRIPT), "--version"], capture_output=True,
+                               check=False)
+        if probe.returncode != 0:
+            shutil.rmtree(scratch)
+            pytest.skip("ctd-encoder cannot run as nobody here")
+    try:
+        yield scratch, prefix
+    finally:
+        for path in [scratch, *scratch.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(scratch)
+
+
+def _read_only(path: Path) -> None:
+    for item in [path, *path.rglob("*")]:
+        item.chmod(0o555 if item.is_dir() else 0o444)
+
+
+def test_destinations_it_cannot_write(unprivileged: tuple[Path, list[str]]) -> None:
+    scratch, prefix = unprivileged
+    simple_image(scratch / "src", random_layers(1))
+    simple_image(scratch / "existing", random_layers(1), ref="other")
+    (scratch / "ro").mkdir()
+    shutil.copy(PUB, scratch / "pub.pem")
+    for path in (scratch / "src", scratch / "existing", scratch / "pub.pem"):
+        for item in [path, *path.rglob("*")]:
+            item.chmod(0o755 if item.is_dir() else 0o644)
+    _read_only(scratch / "ro")
+    _read_only(scratch / "existing")
+    before = tree_state(scratch)
+    names = sorted(p.name for p in scratch.iterdir())
+    cases = [
+        (f"oci:{scratch / 'ro' / 'dst'}", f"the new OCI layout {scratch / 'ro' / 'dst'}"),
+        (f"oci-archive:{scratch / 'ro' / 'dst.tar'}",
+         f"the oci-archive {scratch / 'ro' / 'dst.tar'}"),
+        (f"oci:{scratch / 'existing'}:new", f"into the OCI layout {scratch / 'existing'}"),
+    ]
+    for destination, what in cases:
+        result = subprocess.run(
+            [*prefix, str(SCRIPT), "encrypt", "--recipient", f"jwe:{scratch / 'pub.pem'}",
+             f"oci:{scratch / 'src'}", destination],
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "CTD_ENCODER_DEBUG": ""},
+        )
+        refused(Run(result.returncode, result.stdout, result.stderr),
+                f"cannot write {what}: Permission denied in ")
+    assert tree_state(scratch) == before
+    assert sorted(p.name for p in scratch.iterdir()) == names
+    assert list((scratch / "ro").iterdir()) == []
