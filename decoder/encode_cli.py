@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
@@ -216,9 +218,42 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so the same cleanup runs
+    (a partial DST is removed) before ctd-encoder exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # a second signal must not interrupt the cleanup the first one started
+    for other in (*_STOP_SIGNALS, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ctd-encoder console script."""
     reporter = TerminalReporter(sys.stdout, sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv, reporter)  # signal handlers can only be set in the main thread
+    previous = {s: signal.getsignal(s) for s in (*_STOP_SIGNALS, signal.SIGINT)}
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, _terminate)
+    try:
+        return _main(argv, reporter)
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv, reporter)
     except DecoderError as e:
@@ -231,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         reporter.finish()
         sys.stderr.write(f"{PROGRAM}: interrupted; nothing was written\n")
         return 130
+    except Terminated as e:
+        reporter.finish()
+        name = signal.Signals(e.signum).name
+        sys.stderr.write(f"{PROGRAM}: terminated by {name}; nothing was written\n")
+        return 128 + e.signum
     except BrokenPipeError:
         return 1
 

@@ -327,6 +327,25 @@ def open_layout(location: Location) -> Layout:
 
 
 @contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a destination is committed, so that an
+    interruption comes before (everything is removed) or after (the image is complete),
+    never between index.json being replaced and the bookkeeping that says so."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def _writing(what: str, path: str) -> Iterator[None]:
     """Turn an OSError while writing DST into one LayoutError line naming the path."""
     try:
@@ -478,7 +497,7 @@ class DirectoryDestination(Destination):
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
-        with _writing(self._what, self.location.path):
+        with _signals_held(), _writing(self._what, self.location.path):
             fd, temp = tempfile.mkstemp(prefix=".index.", dir=self.root)
             try:
                 try:
@@ -619,16 +638,17 @@ class ArchiveDestination(Destination):
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
-        self._add_entry(INDEX_FILE, json_bytes(index))
-        end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
-        self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
-        with _writing("the oci-archive", self.location.path):
-            os.fchmod(self._fd, 0o644)
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._closed = True
-            os.replace(self._temp, self.location.path)
-            self._temp_left = False
+        with _signals_held():
+            self._add_entry(INDEX_FILE, json_bytes(index))
+            end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
+            self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
+            with _writing("the oci-archive", self.location.path):
+                os.fchmod(self._fd, 0o644)
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._closed = True
+                os.replace(self._temp, self.location.path)
+                self._temp_left = False
 
     def abort(self) -> None:
         if not self._closed:

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,3 +468,57 @@ def test_destinations_it_cannot_write(unprivileged: tuple[Path, list[str]]) -> N
     assert tree_state(scratch) == before
     assert sorted(p.name for p in scratch.iterdir()) == names
     assert list((scratch / "ro").iterdir()) == []
+
+
+# --- 5. SIGTERM and SIGHUP mid-layer --------------------------------------------------------
+
+ZEROS_GIB = 1 << 30
+ZEROS_GIB_SHA256 = "sha256:49bc20df15e412a64472421e13fe86ff1c5165e18b2afccf160d4dc19fe68a14"
+
+
+def _large_image(root: Path) -> None:
+    """An image with a 1 GiB layer of zeros, as a sparse file: made instantly, and it takes
+    the encoder seconds to encrypt."""
+    builder = LayoutBuilder(root)
+    name = ZEROS_GIB_SHA256.partition(":")[2]
+    with open(root / "blobs" / "sha256" / name, "wb") as f:
+        f.truncate(ZEROS_GIB)
+    builder.add(manifest_of(builder, [{"mediaType": GZIP, "digest": ZEROS_GIB_SHA256,
+                                       "size": ZEROS_GIB}]))
+
+
+def _partial_bytes(tmp_path: Path) -> int:
+    """How much of a partial blob (or archive) the encoder has written so far."""
+    found = [*tmp_path.glob(".*.partial"), *tmp_path.glob(".*.partial/blobs/.partial-*"),
+             *tmp_path.glob("existing/blobs/.partial-*")]
+    return max((p.stat().st_size for p in found if p.is_file()), default=0)
+
+
+@pytest.mark.parametrize(("destination", "stop"), [
+    ("oci:{tmp}/dst", signal.SIGTERM),
+    ("oci-archive:{tmp}/dst.tar", signal.SIGTERM),
+    ("oci:{tmp}/existing:enc", signal.SIGTERM),
+    ("oci:{tmp}/dst", signal.SIGHUP),
+])
+def test_a_stop_signal_mid_layer_leaves_nothing(
+    tmp_path: Path, destination: str, stop: signal.Signals
+) -> None:
+    _large_image(tmp_path / "src")
+    simple_image(tmp_path / "existing", random_layers(1), ref="other")
+    before = tree_state(tmp_path / "existing")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    process = subprocess.Popen(
+        [SCRIPT, "encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+         destination.format(tmp=tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 8
+    while _partial_bytes(tmp_path) < 16 << 20 and process.poll() is None:
+        assert time.monotonic() < deadline, "the encoder never got going"
+        time.sleep(0.01)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=10)
+    refused(Run(process.returncode, "", stderr),
+            f"terminated by {stop.name}; nothing was written", status=128 + stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert tree_state(tmp_path / "existing") == before
