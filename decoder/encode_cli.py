@@ -148,12 +148,32 @@ class TerminalReporter:
             self.drawn = False
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
+        """A result line (or lines), written whole or raising BrokenPipeError: straight to
+        the file descriptor when there is one, since a buffered stream can lose the error
+        of a pipe closed after a partial write and exit 0 with its output cut short."""
+        data = "\n".join(_printable(line) for line in text.split("\n")) + "\n"
+        try:
+            fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (tests: captured)
+            self.out.write(data)
+            self.out.flush()
+            return
         self.out.flush()
+        view = memoryview(data.encode(self.out.encoding or "utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view):]
 
     def warn(self, text: str) -> None:
         self.err.write(f"{PROGRAM}: warning: {one_line(text)}\n")
         self.err.flush()
+
+
+def _printable(line: str) -> str:
+    """A result line with control characters escaped: digests, media types and recipient
+    descriptions come from the image, and must not move the cursor or start a new line."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def format_layer_info(info: dict[str, Any]) -> str:
@@ -174,7 +194,7 @@ def format_layer_info(info: dict[str, Any]) -> str:
             if "openedBy" in layer:
                 opened = ", ".join(layer["openedBy"]) or "none of the given keys"
                 lines.append(f"      opened by: {opened}")
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
 
 
 def _size(size: int) -> str:
@@ -272,6 +292,13 @@ def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
         sys.stderr.write(f"{PROGRAM}: terminated by {name}; nothing was written\n")
         return 128 + e.signum
     except BrokenPipeError:
+        # the reader of stdout went away (`ctd-encoder layerinfo | head`): exit 1 quietly, as
+        # cat does, with stdout pointed at /dev/null so the interpreter's flush at exit
+        # finds nothing to complain about
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
 
 

@@ -522,3 +522,31 @@ def test_a_stop_signal_mid_layer_leaves_nothing(
             f"terminated by {stop.name}; nothing was written", status=128 + stop)
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     assert tree_state(tmp_path / "existing") == before
+
+
+# --- 6. a reader that closes stdout early ---------------------------------------------------
+
+
+@pytest.mark.parametrize("form", [["--json"], []])
+def test_stdout_closed_early_is_exit_1_quietly(tmp_path: Path, form: list[str]) -> None:
+    """`ctd-encoder layerinfo | head -c 1`: the encoder's own status is 1, not 0 with its
+    output cut short, and it says nothing (a buffered stdout lost the EPIPE after a partial
+    write, so it exited 0)."""
+    simple_image(tmp_path / "src", random_layers(1500, 10))
+    process = subprocess.Popen([SCRIPT, "layerinfo", *form, f"oci:{tmp_path / 'src'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    assert len(process.stdout.read(1)) == 1
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=30) == 1
+    assert stderr == b""
+
+
+def test_layerinfo_text_escapes_control_characters(encoder: Encoder, tmp_path: Path) -> None:
+    hostile = "application/x\x1b[2J\nforged line"
+    simple_image(tmp_path / "src", [Layer(os.urandom(100), hostile)])
+    text = ok(encoder("layerinfo", f"oci:{tmp_path / 'src'}")).stdout
+    assert "\x1b" not in text
+    assert not any(line.startswith("forged") for line in text.splitlines())
+    assert "application/x\\x1b[2J\\nforged line" in text
