@@ -15,6 +15,7 @@ import base64
 import hashlib
 import importlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -484,10 +485,50 @@ def _open_options(plan: LayerPlan, label: str, ring: keys.KeyRing) -> bytes:
     # the unwrap error reads "no key opens layer <label>"
     private_json = keywrap.unwrap_private_options(annotations, ring, label.removeprefix("layer "))
     private = layercipher.parse_private_options(private_json)
-    params = layercipher.cipher_parameters(private, public)
-    if params.digest_algorithm not in ("sha256", "sha512"):
-        raise LayerOptionsError(f"{label}: plaintext digest {private.digest} is not sha256")
+    _check_plaintext_digest(private.digest, label)
+    layercipher.cipher_parameters(private, public)
     return private_json
+
+
+# the plaintext digests ocicrypt's options may carry (go-digest's), and those a layout can
+# store a blob under; a digest algorithm's name, as the OCI digest grammar spells it
+_PLAINTEXT_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
+_LAYOUT_DIGESTS = ("sha256", "sha512")
+_ALGORITHM_NAME = re.compile(r"[a-z0-9]{1,16}(?:[+._-][a-z0-9]{1,16}){0,3}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _check_plaintext_digest(digest: str, label: str) -> None:
+    """Refuse a missing or malformed plaintext digest in a layer's (unwrapped) private
+    options without showing it: it is part of the confidential options, and a malformed one
+    may be anything. Only its algorithm, when it has the form of one, is named."""
+    algorithm, colon, hex_digest = digest.partition(":")
+    if not digest:
+        raise LayerOptionsError(f"{label}: its private options carry no plaintext digest")
+    if not colon or algorithm not in _PLAINTEXT_DIGESTS:
+        named = (f"the unknown algorithm {algorithm!r}" if colon and
+                 _ALGORITHM_NAME.fullmatch(algorithm) else "a malformed digest")
+        raise LayerOptionsError(
+            f"{label}: its private options give the plaintext digest in {named} (ocicrypt "
+            f"knows {', '.join(_PLAINTEXT_DIGESTS)})"
+        )
+    if len(hex_digest) != _PLAINTEXT_DIGESTS[algorithm] or not _HEX.fullmatch(hex_digest):
+        raise LayerOptionsError(
+            f"{label}: the {algorithm} plaintext digest in its private options is malformed"
+        )
+
+
+def _check_storable(private_json: bytes, label: str) -> None:
+    """Decrypting stores the layer under its plaintext digest: that must be one a layout
+    addresses blobs by. The digest itself is never shown."""
+    algorithm = layercipher.parse_private_options(private_json).digest.partition(":")[0]
+    if algorithm not in _LAYOUT_DIGESTS:
+        raise LayerOptionsError(
+            f"{label} cannot be decrypted into an OCI layout: its private options give the "
+            f"plaintext digest in {algorithm}, and a layout addresses blobs by "
+            f"{' or '.join(_LAYOUT_DIGESTS)} only (ctd-decoder still decrypts it when "
+            "containerd pulls it); nothing was written"
+        )
 
 
 @dataclass(frozen=True)
@@ -545,6 +586,8 @@ def plan(request: Request, root: Node) -> int:
                 if digest not in opened:
                     opened[digest] = _open_with_context(request, layer, label)
                 layer.private_options = opened[digest]
+                if layer.action == "decrypt":
+                    _check_storable(layer.private_options, label)
             changes += layer.action != "keep"
     return changes
 

@@ -550,3 +550,60 @@ def test_layerinfo_text_escapes_control_characters(encoder: Encoder, tmp_path: P
     assert "\x1b" not in text
     assert not any(line.startswith("forged") for line in text.splitlines())
     assert "application/x\\x1b[2J\\nforged line" in text
+
+
+# --- 7. the wrapped plaintext digest is never shown -----------------------------------------
+
+
+def _layer_with_digest(root: Path, plaintext_digest: str) -> None:
+    layer = encrypt_layer(os.urandom(5000), [PUB], private={"digest": plaintext_digest})
+    builder = LayoutBuilder(root)
+    builder.blob(layer.ciphertext)
+    builder.add(manifest_of(builder, [layer.descriptor]))
+
+
+def test_a_sha384_plaintext_digest_is_named_not_shown(encoder: Encoder, tmp_path: Path) -> None:
+    secret = hashlib.sha384(os.urandom(100)).hexdigest()
+    _layer_with_digest(tmp_path / "src", "sha384:" + secret)
+    line = refused(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'src'}",
+                           f"oci:{tmp_path / 'dst'}"),
+                   "plaintext digest in sha384", "sha256 or sha512 only", "nothing was written")
+    assert secret[:16] not in line
+    assert not (tmp_path / "dst").exists()
+    # adding a recipient keeps the options as they are, whatever their digest algorithm
+    result = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--key", PRIV,
+                        f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'two'}"))
+    assert secret[:16] not in result.stdout + result.stderr
+    info = json.loads(ok(encoder("layerinfo", "--json", "--key", KEYS / "ec256-pkcs8.pem",
+                                 f"oci:{tmp_path / 'two'}")).stdout)
+    assert info["manifests"][0]["layers"][0]["openedBy"] == [str(KEYS / "ec256-pkcs8.pem")]
+
+
+BAD_DIGESTS = [
+    ("sha256:" + "Zq" * 32, "the sha256 plaintext digest in its private options is malformed"),
+    ("sha256:" + "ab" * 31, "the sha256 plaintext digest in its private options is malformed"),
+    ("md5:" + "ab" * 16, "in the unknown algorithm 'md5'"),
+    ("secret-without-algorithm-" + "cd" * 20, "in a malformed digest"),
+    ("S3CRET:" + "ef" * 32, "in a malformed digest"),
+]
+
+
+@pytest.mark.parametrize(("plaintext_digest", "named"), BAD_DIGESTS,
+                         ids=["not hex", "too short", "md5", "no algorithm", "not an algorithm"])
+def test_a_malformed_plaintext_digest_is_not_shown(
+    encoder: Encoder, tmp_path: Path, plaintext_digest: str, named: str
+) -> None:
+    _layer_with_digest(tmp_path / "src", plaintext_digest)
+    secret = plaintext_digest.partition(":")[2] or plaintext_digest
+    for command in (["decrypt", "--key", str(PRIV)],
+                    ["encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--key",
+                     str(PRIV)]):
+        line = refused(encoder(*command, f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"),
+                       named)
+        assert secret not in line and secret[:12] not in line
+        assert "S3CRET" not in line
+    assert not (tmp_path / "dst").exists()
+    # layerinfo --key says the key does not open it, and shows nothing of the digest either
+    result = ok(encoder("layerinfo", "--key", PRIV, f"oci:{tmp_path / 'src'}"))
+    assert secret[:12] not in result.stdout + result.stderr
+
