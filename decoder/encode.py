@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -49,6 +51,7 @@ from decoder.spec import (
 )
 
 MAX_DEPTH = 8
+MAX_DESCRIPTORS = 10_000  # listed by the distinct indexes and manifests of one image
 WRAP_SCHEMES = ("jwe", "pkcs7")
 # recipient prefixes skopeo knows that this version does not wrap for yet
 LATER_SCHEMES = {"pgp": "PGP", "pkcs11": "PKCS#11", "provider": "key-provider"}
@@ -113,15 +116,30 @@ def parse_recipient(spec: str) -> Recipient:
     if not path:
         raise UsageError(f"recipient {spec!r} names no file")
     data = _read_small_file(path, "recipient key")
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     if scheme == "jwe":
-        key = keys.load_public_key(data, path)
+        try:
+            key = keys.load_public_key(data, path)
+        except UnsupportedAlgorithm as e:
+            raise KeyLoadError(
+                f"recipient key {path} is of a type this version cannot use ({e}); a jwe: "
+                "recipient is an RSA or EC (P-256, P-384, P-521) public key or certificate"
+            ) from e
         kind = jwe.public_jwk(key)
         name = f"RSA {key.key_size}" if kind["kty"] == "RSA" else f"EC {kind['crv']}"
         return Recipient(scheme, path, key, f"{name} kid {jwe.thumbprint(key)}")
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     certificate = keys.load_certificate(data, path)
-    if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
+    try:
+        public_key = certificate.public_key()
+    except UnsupportedAlgorithm as e:
+        raise KeyLoadError(
+            f"{path}: the certificate's key is of a type this version cannot use ({e}); a "
+            "pkcs7 recipient's certificate must hold an RSA key"
+        ) from e
+    if not isinstance(public_key, rsa.RSAPublicKey):
         raise KeyLoadError(f"{path}: a pkcs7 recipient's certificate must hold an RSA key")
     subject = certificate.subject.rfc4514_string() or "(empty subject)"
     return Recipient(scheme, path, certificate, f"{subject} serial {certificate.serial_number}")
@@ -218,7 +236,7 @@ def parse_key_argument(text: str) -> tuple[str, bytes | None]:
     if secret.startswith("fd="):
         try:
             return path, os.read(int(secret[len("fd=") :]), 64).rstrip(b"\n")
-        except (ValueError, OSError) as e:
+        except (ValueError, OverflowError, OSError) as e:
             raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
     return path, secret.encode()
 
@@ -309,14 +327,25 @@ class Node:
         return str(self.platform) if self.platform else "the image"
 
     def manifests(self) -> Iterator[Node]:
-        if self.kind == "manifest":
-            yield self
-        for child in self.children:
-            yield from child.manifests()
+        """The distinct manifests below (a manifest listed again is the same Node)."""
+        seen: set[int] = set()
+
+        def walk(node: Node) -> Iterator[Node]:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            if node.kind == "manifest":
+                yield node
+            for child in node.children:
+                yield from walk(child)
+
+        return walk(self)
 
 
 def _kind(descriptor: dict[str, Any], body: Any) -> str:
-    media_type = descriptor.get("mediaType") or (body or {}).get("mediaType")
+    media_type = descriptor.get("mediaType")
+    if media_type is None and isinstance(body, dict):
+        media_type = body.get("mediaType")
     if media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST):
         return "index"
     if media_type in (OCI_MANIFEST, DOCKER_MANIFEST):
@@ -328,34 +357,96 @@ def _kind(descriptor: dict[str, Any], body: Any) -> str:
     return "other"
 
 
-def load_tree(layout: Layout, descriptor: dict[str, Any], depth: int = 0) -> Node:
+class _TreeReader:
+    """Reads an image tree from SRC as a graph of distinct nodes: each JSON blob is read,
+    verified and parsed once, and a descriptor listed again (the same manifest in several
+    indexes, or many times in one) is the same Node, walked once. The descriptors of the
+    distinct nodes (index entries, configs, layers) are counted against MAX_DESCRIPTORS, so
+    the work and memory stay bounded by the distinct structure whatever the repeats."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.blobs: dict[tuple[str, int], tuple[bytes, Any]] = {}
+        self.platforms: dict[tuple[str, int], Platform | None] = {}
+        self.nodes: dict[bytes, Node] = {}
+        self.walked = 0
+
+    def count(self, n: int, what: str) -> None:
+        self.walked += n
+        if self.walked > MAX_DESCRIPTORS:
+            raise LayoutError(
+                f"{self.layout.where}: {what} takes the image past {MAX_DESCRIPTORS} "
+                "descriptors (index entries, configs and layers); refused as malformed"
+            )
+
+    def json_blob(self, descriptor: dict[str, Any], what: str) -> tuple[bytes, Any]:
+        key = ocilayout.check_descriptor(descriptor, what)
+        if key not in self.blobs:
+            self.blobs[key] = self.layout.read_json_blob(descriptor, what)
+        return self.blobs[key]
+
+    def config_platform(self, config: dict[str, Any], what: str) -> Platform | None:
+        key = ocilayout.check_descriptor(config, what)
+        if key not in self.platforms:
+            _, body = self.json_blob(config, "an image config")
+            self.platforms[key] = _platform_of(body)
+        return self.platforms[key]
+
+    def node(self, descriptor: dict[str, Any], what: str, depth: int = 0) -> Node:
+        if depth > MAX_DEPTH:
+            raise LayoutError(f"{self.layout.where}: indexes nested more than {MAX_DEPTH} deep")
+        ocilayout.check_descriptor(descriptor, what)
+        key = json.dumps(descriptor, sort_keys=True).encode()
+        if key not in self.nodes:
+            self.nodes[key] = self._read(descriptor, depth)
+        return self.nodes[key]
+
+    def _read(self, descriptor: dict[str, Any], depth: int) -> Node:
+        media_type = descriptor.get("mediaType")
+        if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
+                                             DOCKER_MANIFEST):
+            return Node(descriptor, "other")
+        raw, body = self.json_blob(descriptor, "a manifest or index")
+        digest = descriptor["digest"]
+        kind = _kind(descriptor, body)
+        node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
+        if kind == "index":
+            children = body.get("manifests") if isinstance(body, dict) else None
+            if not isinstance(children, list):
+                raise LayoutError(
+                    f"{self.layout.where}: index {digest} is not an image index "
+                    "(it has no manifests list)"
+                )
+            self.count(len(children), f"index {digest}")
+            for i, child in enumerate(children):
+                if not isinstance(child, dict):
+                    raise LayoutError(
+                        f"{self.layout.where}: index {digest} lists a non-object (entry {i})"
+                    )
+                node.children.append(self.node(child, f"entry {i} of index {digest}", depth + 1))
+        elif kind == "manifest":
+            layers = body.get("layers") if isinstance(body, dict) else None
+            if not isinstance(layers, list):
+                raise LayoutError(
+                    f"{self.layout.where}: manifest {digest} is not an image manifest "
+                    "(it has no layers list)"
+                )
+            self.count(1 + len(layers), f"manifest {digest}")
+            config = body.get("config")
+            what = f"the config of manifest {digest}"
+            ocilayout.check_descriptor(config, what)
+            for i, layer in enumerate(layers):
+                ocilayout.check_descriptor(layer, f"layer {i} of manifest {digest}")
+                node.layers.append(LayerPlan(i, layer))
+            node.platform = _platform_of(descriptor.get("platform"))
+            if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):
+                node.platform = self.config_platform(config, what)
+        return node
+
+
+def load_tree(layout: Layout, descriptor: dict[str, Any]) -> Node:
     """Read an image from SRC: indexes and manifests (digest-verified), not the layers."""
-    if depth > MAX_DEPTH:
-        raise LayoutError(f"{layout.where}: indexes nested more than {MAX_DEPTH} deep")
-    media_type = descriptor.get("mediaType")
-    if media_type and media_type not in (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST,
-                                         DOCKER_MANIFEST):
-        ocilayout.check_descriptor(descriptor, "a descriptor")
-        return Node(descriptor, "other")
-    raw, body = layout.read_json_blob(descriptor, "a manifest or index")
-    kind = _kind(descriptor, body)
-    node = Node(descriptor, kind, raw, body if isinstance(body, dict) else {})
-    if kind == "index":
-        for child in body["manifests"]:
-            if not isinstance(child, dict):
-                raise LayoutError(f"index {descriptor['digest']} lists a non-object")
-            node.children.append(load_tree(layout, child, depth + 1))
-    elif kind == "manifest":
-        config = body.get("config")
-        ocilayout.check_descriptor(config, f"the config of manifest {descriptor['digest']}")
-        for i, layer in enumerate(body["layers"]):
-            ocilayout.check_descriptor(layer, f"layer {i} of manifest {descriptor['digest']}")
-            node.layers.append(LayerPlan(i, layer))
-        node.platform = _platform_of(descriptor.get("platform"))
-        if node.platform is None and config.get("mediaType") in (OCI_CONFIG, DOCKER_CONFIG):
-            _, config_body = layout.read_json_blob(config, "an image config")
-            node.platform = _platform_of(config_body)
-    return node
+    return _TreeReader(layout).node(descriptor, f"the {ocilayout.INDEX_FILE} entry of the image")
 
 
 def select(root: Node, platforms: list[Platform], layers: list[int], source: Location) -> None:
@@ -394,10 +485,50 @@ def _open_options(plan: LayerPlan, label: str, ring: keys.KeyRing) -> bytes:
     # the unwrap error reads "no key opens layer <label>"
     private_json = keywrap.unwrap_private_options(annotations, ring, label.removeprefix("layer "))
     private = layercipher.parse_private_options(private_json)
-    params = layercipher.cipher_parameters(private, public)
-    if params.digest_algorithm not in ("sha256", "sha512"):
-        raise LayerOptionsError(f"{label}: plaintext digest {private.digest} is not sha256")
+    _check_plaintext_digest(private.digest, label)
+    layercipher.cipher_parameters(private, public)
     return private_json
+
+
+# the plaintext digests ocicrypt's options may carry (go-digest's), and those a layout can
+# store a blob under; a digest algorithm's name, as the OCI digest grammar spells it
+_PLAINTEXT_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
+_LAYOUT_DIGESTS = ("sha256", "sha512")
+_ALGORITHM_NAME = re.compile(r"[a-z0-9]{1,16}(?:[+._-][a-z0-9]{1,16}){0,3}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+def _check_plaintext_digest(digest: str, label: str) -> None:
+    """Refuse a missing or malformed plaintext digest in a layer's (unwrapped) private
+    options without showing it: it is part of the confidential options, and a malformed one
+    may be anything. Only its algorithm, when it has the form of one, is named."""
+    algorithm, colon, hex_digest = digest.partition(":")
+    if not digest:
+        raise LayerOptionsError(f"{label}: its private options carry no plaintext digest")
+    if not colon or algorithm not in _PLAINTEXT_DIGESTS:
+        named = (f"the unknown algorithm {algorithm!r}" if colon and
+                 _ALGORITHM_NAME.fullmatch(algorithm) else "a malformed digest")
+        raise LayerOptionsError(
+            f"{label}: its private options give the plaintext digest in {named} (ocicrypt "
+            f"knows {', '.join(_PLAINTEXT_DIGESTS)})"
+        )
+    if len(hex_digest) != _PLAINTEXT_DIGESTS[algorithm] or not _HEX.fullmatch(hex_digest):
+        raise LayerOptionsError(
+            f"{label}: the {algorithm} plaintext digest in its private options is malformed"
+        )
+
+
+def _check_storable(private_json: bytes, label: str) -> None:
+    """Decrypting stores the layer under its plaintext digest: that must be one a layout
+    addresses blobs by. The digest itself is never shown."""
+    algorithm = layercipher.parse_private_options(private_json).digest.partition(":")[0]
+    if algorithm not in _LAYOUT_DIGESTS:
+        raise LayerOptionsError(
+            f"{label} cannot be decrypted into an OCI layout: its private options give the "
+            f"plaintext digest in {algorithm}, and a layout addresses blobs by "
+            f"{' or '.join(_LAYOUT_DIGESTS)} only (ctd-decoder still decrypts it when "
+            "containerd pulls it); nothing was written"
+        )
 
 
 @dataclass(frozen=True)
@@ -455,6 +586,8 @@ def plan(request: Request, root: Node) -> int:
                 if digest not in opened:
                     opened[digest] = _open_with_context(request, layer, label)
                 layer.private_options = opened[digest]
+                if layer.action == "decrypt":
+                    _check_storable(layer.private_options, label)
             changes += layer.action != "keep"
     return changes
 
@@ -503,9 +636,16 @@ class Writer:
         self.destination = destination
         self.reporter = reporter
         self.done: dict[tuple[str, str], dict[str, Any]] = {}
+        self.written: dict[int, dict[str, Any]] = {}  # id(node) -> its new descriptor
 
     def node(self, node: Node) -> dict[str, Any]:
-        """Write a node and everything below it; return its (possibly new) descriptor."""
+        """Write a node and everything below it, once however often it is listed; return its
+        (possibly new) descriptor."""
+        if id(node) not in self.written:
+            self.written[id(node)] = self._node(node)
+        return self.written[id(node)]
+
+    def _node(self, node: Node) -> dict[str, Any]:
         if node.kind == "other":
             self.destination.copy_blob(self.layout, node.descriptor, "a blob")
             return node.descriptor
@@ -799,33 +939,41 @@ def layer_info(
     kids = {jwe.thumbprint(r.key): r.source for r in known if r.scheme == "jwe"}
     kids.update({jwe.thumbprint(k.key.public_key()): k.source for k in ring.private_keys})
     manifests = []
+    described: dict[bytes, dict[str, Any]] = {}  # a layer shared by manifests, done once
     for node in root.manifests():
         if not node.selected:
             continue
         layers = []
         for plan_ in node.layers:
-            descriptor = plan_.descriptor
-            annotations = descriptor.get("annotations") or {}
-            annotations = annotations if isinstance(annotations, dict) else {}
-            media_type = str(descriptor.get("mediaType"))
-            info: dict[str, Any] = {
-                "index": plan_.index,
-                "digest": descriptor["digest"],
-                "size": descriptor["size"],
-                "mediaType": media_type,
-                "encrypted": media_type in ENCRYPTED_TO_PLAIN,
-                "schemes": list(keywrap.wrapped_keys(annotations)),
-                "recipients": _recipients(annotations, kids),
-            }
-            if ring.private_keys and info["encrypted"]:
-                info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
-            layers.append(info)
+            key = json.dumps(plan_.descriptor, sort_keys=True).encode()
+            if key not in described:
+                described[key] = _describe_layer(node, plan_, ring, kids)
+            layers.append({"index": plan_.index, **described[key]})
         manifests.append({
             "platform": str(node.platform) if node.platform else None,
             "manifest": node.descriptor["digest"],
             "layers": layers,
         })
     return {"image": str(source), "digest": entry["digest"], "manifests": manifests}
+
+
+def _describe_layer(
+    node: Node, plan_: LayerPlan, ring: keys.KeyRing, kids: dict[str, str]
+) -> dict[str, Any]:
+    descriptor = plan_.descriptor
+    annotations = descriptor.get("annotations") or {}
+    media_type = str(descriptor.get("mediaType"))
+    info: dict[str, Any] = {
+        "digest": descriptor["digest"],
+        "size": descriptor["size"],
+        "mediaType": media_type,
+        "encrypted": media_type in ENCRYPTED_TO_PLAIN,
+        "schemes": list(keywrap.wrapped_keys(annotations)),
+        "recipients": _recipients(annotations, kids),
+    }
+    if ring.private_keys and info["encrypted"]:
+        info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
+    return info
 
 
 def _opened_by(plan_: LayerPlan, label: str, ring: keys.KeyRing) -> list[str]:

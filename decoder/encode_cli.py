@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
@@ -146,12 +148,32 @@ class TerminalReporter:
             self.drawn = False
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
+        """A result line (or lines), written whole or raising BrokenPipeError: straight to
+        the file descriptor when there is one, since a buffered stream can lose the error
+        of a pipe closed after a partial write and exit 0 with its output cut short."""
+        data = "\n".join(_printable(line) for line in text.split("\n")) + "\n"
+        try:
+            fd = self.out.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (tests: captured)
+            self.out.write(data)
+            self.out.flush()
+            return
         self.out.flush()
+        view = memoryview(data.encode(self.out.encoding or "utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view):]
 
     def warn(self, text: str) -> None:
         self.err.write(f"{PROGRAM}: warning: {one_line(text)}\n")
         self.err.flush()
+
+
+def _printable(line: str) -> str:
+    """A result line with control characters escaped: digests, media types and recipient
+    descriptions come from the image, and must not move the cursor or start a new line."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def format_layer_info(info: dict[str, Any]) -> str:
@@ -172,7 +194,7 @@ def format_layer_info(info: dict[str, Any]) -> str:
             if "openedBy" in layer:
                 opened = ", ".join(layer["openedBy"]) or "none of the given keys"
                 lines.append(f"      opened by: {opened}")
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
 
 
 def _size(size: int) -> str:
@@ -216,9 +238,42 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so the same cleanup runs
+    (a partial DST is removed) before ctd-encoder exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # a second signal must not interrupt the cleanup the first one started
+    for other in (*_STOP_SIGNALS, signal.SIGINT):
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ctd-encoder console script."""
     reporter = TerminalReporter(sys.stdout, sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv, reporter)  # signal handlers can only be set in the main thread
+    previous = {s: signal.getsignal(s) for s in (*_STOP_SIGNALS, signal.SIGINT)}
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, _terminate)
+    try:
+        return _main(argv, reporter)
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv, reporter)
     except DecoderError as e:
@@ -231,7 +286,19 @@ def main(argv: list[str] | None = None) -> int:
         reporter.finish()
         sys.stderr.write(f"{PROGRAM}: interrupted; nothing was written\n")
         return 130
+    except Terminated as e:
+        reporter.finish()
+        name = signal.Signals(e.signum).name
+        sys.stderr.write(f"{PROGRAM}: terminated by {name}; nothing was written\n")
+        return 128 + e.signum
     except BrokenPipeError:
+        # the reader of stdout went away (`ctd-encoder layerinfo | head`): exit 1 quietly, as
+        # cat does, with stdout pointed at /dev/null so the interpreter's flush at exit
+        # finds nothing to complain about
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
 
 

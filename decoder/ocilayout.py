@@ -35,6 +35,10 @@ _DIGEST = re.compile(r"(sha256|sha512):([0-9a-f]+)")
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK
+# a blob's header in an archive: a PAX extended header (its path, which for a sha512 blob is
+# longer than ustar's 100 characters, and its size past 8 GiB) and the ustar header, always
+# these three blocks, so that room for it can be left before the blob's digest is known
+_BLOB_HEADER = 3 * _TAR_BLOCK
 
 Progress = Callable[[int], None]
 
@@ -75,6 +79,16 @@ def check_descriptor(descriptor: Any, what: str) -> tuple[str, int]:
     blob_name(digest)
     if size < 0:
         raise LayoutError(f"{what} has a negative size")
+    media_type = descriptor.get("mediaType")
+    if media_type is not None and not isinstance(media_type, str):
+        raise LayoutError(f"{what} has a mediaType that is not a string")
+    annotations = descriptor.get("annotations")
+    if annotations is not None:
+        if not isinstance(annotations, dict):
+            raise LayoutError(f"{what} has annotations that are not a JSON object")
+        for name, value in annotations.items():
+            if not isinstance(value, str):
+                raise LayoutError(f"{what} has an annotation {name!r} that is not a string")
     return digest, size
 
 
@@ -312,6 +326,37 @@ def open_layout(location: Location) -> Layout:
 # --- writing ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a destination is committed, so that an
+    interruption comes before (everything is removed) or after (the image is complete),
+    never between index.json being replaced and the bookkeeping that says so."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str) -> Iterator[None]:
+    """Turn an OSError while writing DST into one LayoutError line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        # the directory the failed call worked in (the file names there are temporary)
+        place = f" in {os.path.dirname(e.filename)}" if isinstance(e.filename, str) else ""
+        raise LayoutError(f"cannot write {what} {path}: {reason}{place}") from e
+
+
 @dataclass
 class BlobSink:
     """Where one new blob is being written: write its bytes to `fd`, then commit it."""
@@ -381,13 +426,18 @@ class DirectoryDestination(Destination):
     def __init__(self, location: Location) -> None:
         super().__init__(location)
         path = location.path
-        self._added: list[str] = []
-        if os.path.isdir(path) and os.listdir(path):
+        self._added: list[str] = []  # blobs new in an existing layout, removed by abort()
+        self._created: list[str] = []  # directories likewise
+        self._staging: str | None = None
+        try:
+            populated = os.path.isdir(path) and bool(os.listdir(path))
+        except OSError as e:
+            raise LayoutError(f"{path} cannot be read: {e.strerror}") from e
+        if populated:
             if not os.path.isfile(os.path.join(path, LAYOUT_FILE)):
                 raise LayoutError(f"{path} exists and is not an OCI image layout")
             self.existing = Layout(location)
             self.root = path
-            self._staging: str | None = None
         elif os.path.lexists(path) and not os.path.isdir(path):
             raise LayoutError(f"{path} exists and is not a directory")
         else:
@@ -395,10 +445,21 @@ class DirectoryDestination(Destination):
             if not os.path.isdir(parent):
                 raise LayoutError(f"the directory {parent} for {path} does not exist")
             name = os.path.basename(os.path.abspath(path))
-            self._staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+            with _writing("the new OCI layout", path):
+                self._staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial",
+                                                 dir=parent)
             self.root = self._staging
-            with open(os.path.join(self.root, LAYOUT_FILE), "wb") as f:
-                f.write(LAYOUT_VERSION)
+            try:
+                with _writing("the new OCI layout", path), \
+                        open(os.path.join(self.root, LAYOUT_FILE), "wb") as f:
+                    f.write(LAYOUT_VERSION)
+            except BaseException:
+                self.abort()
+                raise
+
+    @property
+    def _what(self) -> str:
+        return "the new OCI layout" if self._staging is not None else "into the OCI layout"
 
     def has_blob(self, digest: str) -> bool:
         return digest in self._written or os.path.isfile(os.path.join(self.root, blob_name(digest)))
@@ -406,8 +467,11 @@ class DirectoryDestination(Destination):
     @contextlib.contextmanager
     def blob_sink(self) -> Iterator[BlobSink]:
         directory = os.path.join(self.root, "blobs")
-        os.makedirs(directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".partial-", dir=directory)
+        with _writing(self._what, self.location.path):
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+                self._created.append(directory)
+            fd, temp = tempfile.mkstemp(prefix=".partial-", dir=directory)
         sink = BlobSink(fd, self, temp)
         try:
             yield sink
@@ -419,25 +483,38 @@ class DirectoryDestination(Destination):
 
     def _commit_sink(self, sink: BlobSink, digest: str, size: int) -> None:
         final = os.path.join(self.root, blob_name(digest))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.fchmod(sink.fd, 0o644)
-        os.fsync(sink.fd)
-        existed = os.path.exists(final)
-        os.replace(sink.token, final)
+        with _writing(self._what, self.location.path):
+            directory = os.path.dirname(final)
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+                self._created.append(directory)
+            os.fchmod(sink.fd, 0o644)
+            os.fsync(sink.fd)
+            existed = os.path.exists(final)
+            os.replace(sink.token, final)
         if not existed:
             self._added.append(final)
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
-        fd, temp = tempfile.mkstemp(prefix=".index.", dir=self.root)
-        try:
-            write_all(fd, memoryview(json_bytes(index)), "index.json")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(temp, 0o644)
-        os.replace(temp, os.path.join(self.root, INDEX_FILE))
-        if self._staging is not None:
+        with _signals_held(), _writing(self._what, self.location.path):
+            fd, temp = tempfile.mkstemp(prefix=".index.", dir=self.root)
+            try:
+                try:
+                    write_all(fd, memoryview(json_bytes(index)), "index.json")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(temp, 0o644)
+                os.replace(temp, os.path.join(self.root, INDEX_FILE))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
+            if self._staging is None:  # the existing layout's new index.json is in place
+                self._added.clear()
+                self._created.clear()
+                return
             for directory in (self.root, os.path.join(self.root, "blobs")):
                 os.chmod(directory, 0o755)  # noqa: S103 (a layout is public, as skopeo's)
             try:
@@ -447,7 +524,6 @@ class DirectoryDestination(Destination):
                     f"cannot move the new layout into place at {self.location.path}: {e.strerror}"
                 ) from e
             self._staging = None
-        self._added.clear()
 
     def abort(self) -> None:
         if self._staging is not None:
@@ -458,15 +534,20 @@ class DirectoryDestination(Destination):
         for path in self._added:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         self._added.clear()
+        self._created.clear()
 
 
 class ArchiveDestination(Destination):
     """An oci-archive tar written to a temporary file beside FILE and renamed over it.
 
     Blobs are streamed straight into the tar: a placeholder header goes first and is
-    rewritten with the blob's name and size once its digest is known. An existing archive's
-    blobs and index entries are carried over."""
+    rewritten with the blob's name and size once its digest is known (a PAX header, so
+    sha512 names and sizes past 8 GiB fit). An existing archive's blobs and index entries
+    are carried over."""
 
     def __init__(self, location: Location) -> None:
         super().__init__(location)
@@ -479,8 +560,11 @@ class ArchiveDestination(Destination):
         if not os.path.isdir(parent):
             raise LayoutError(f"the directory {parent} for {path} does not exist")
         name = os.path.basename(os.path.abspath(path))
-        self._fd, self._temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+        with _writing("the oci-archive", path):
+            self._fd, self._temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial",
+                                                    dir=parent)
         self._closed = False
+        self._temp_left = True  # the temporary file is still there to remove on abort
         try:
             self._add_entry(LAYOUT_FILE, LAYOUT_VERSION)
             for directory in ("blobs/", "blobs/sha256/"):
@@ -494,13 +578,15 @@ class ArchiveDestination(Destination):
             raise
 
     @staticmethod
-    def _header(name: str, size: int, directory: bool = False) -> bytes:
+    def _header(name: str, size: int, directory: bool = False, blob: bool = False) -> bytes:
         info = tarfile.TarInfo(name)
         info.size = size
         info.mtime = 0
         info.mode = 0o755 if directory else 0o644
         info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
-        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        if blob:  # always the PAX header, even when ustar could do: _BLOB_HEADER bytes
+            info.pax_headers = {"path": name}
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict")
 
     def _write(self, data: bytes) -> None:
         write_all(self._fd, memoryview(data), self.location.path)
@@ -517,47 +603,61 @@ class ArchiveDestination(Destination):
     def has_blob(self, digest: str) -> bool:
         return digest in self._written
 
+    def _truncate(self, offset: int) -> None:
+        with _writing("the oci-archive", self.location.path):
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
+
     @contextlib.contextmanager
     def blob_sink(self) -> Iterator[BlobSink]:
         start = os.lseek(self._fd, 0, os.SEEK_END)
-        self._write(bytes(_TAR_BLOCK))
+        self._write(bytes(_BLOB_HEADER))
         sink = BlobSink(self._fd, self, start)
         try:
             yield sink
         finally:
             if not sink.committed:
-                os.ftruncate(self._fd, start)
-                os.lseek(self._fd, start, os.SEEK_SET)
+                self._truncate(start)
 
     def _commit_sink(self, sink: BlobSink, digest: str, size: int) -> None:
         start: int = sink.token
         end = os.lseek(self._fd, 0, os.SEEK_CUR)
-        if end - start - _TAR_BLOCK != size:
-            raise LayoutError(f"blob {digest}: wrote {end - start - _TAR_BLOCK} bytes, not {size}")
+        written = end - start - _BLOB_HEADER
+        if written != size:
+            raise LayoutError(f"blob {digest}: wrote {written} bytes, not {size}")
         if digest in self._written:
-            os.ftruncate(self._fd, start)
-            os.lseek(self._fd, start, os.SEEK_SET)
+            self._truncate(start)
             return
+        header = self._header(blob_name(digest), size, blob=True)
+        if len(header) != _BLOB_HEADER:
+            raise LayoutError(f"blob {digest}: its tar header is {len(header)} bytes, not "
+                              f"the {_BLOB_HEADER} set aside for it")
         self._pad(size)
-        os.pwrite(self._fd, self._header(blob_name(digest), size), start)
+        with _writing("the oci-archive", self.location.path):
+            os.pwrite(self._fd, header, start)
         self._written.add(digest)
 
     def commit(self, index: dict[str, Any]) -> None:
-        self._add_entry(INDEX_FILE, json_bytes(index))
-        end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
-        self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
-        os.fchmod(self._fd, 0o644)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._closed = True
-        os.replace(self._temp, self.location.path)
+        with _signals_held():
+            self._add_entry(INDEX_FILE, json_bytes(index))
+            end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
+            self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
+            with _writing("the oci-archive", self.location.path):
+                os.fchmod(self._fd, 0o644)
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._closed = True
+                os.replace(self._temp, self.location.path)
+                self._temp_left = False
 
     def abort(self) -> None:
         if not self._closed:
             os.close(self._fd)
             self._closed = True
+        if self._temp_left:
             with contextlib.suppress(OSError):
                 os.unlink(self._temp)
+            self._temp_left = False
 
 
 def open_destination(location: Location) -> Destination:
