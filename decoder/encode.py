@@ -119,13 +119,7 @@ def parse_recipient(spec: str) -> Recipient:
     from cryptography.exceptions import UnsupportedAlgorithm
 
     if scheme == "jwe":
-        try:
-            key = keys.load_public_key(data, path)
-        except UnsupportedAlgorithm as e:
-            raise KeyLoadError(
-                f"recipient key {path} is of a type this version cannot use ({e}); a jwe: "
-                "recipient is an RSA or EC (P-256, P-384, P-521) public key or certificate"
-            ) from e
+        key = keys.load_public_key(data, path)
         kind = jwe.public_jwk(key)
         name = f"RSA {key.key_size}" if kind["kty"] == "RSA" else f"EC {kind['crv']}"
         return Recipient(scheme, path, key, f"{name} kid {jwe.thumbprint(key)}")

@@ -627,8 +627,8 @@ def load_public_key(data: bytes, source: str) -> Any:
         return _load_public_key(data, source)
     except UnsupportedAlgorithm as e:
         raise KeyLoadError(
-            f"{source}: a key of a kind this program cannot use (RSA or EC P-256, P-384, "
-            "P-521 only)"
+            f"recipient key {source} is of a type this version cannot use ({e}); a jwe: "
+            "recipient is an RSA or EC (P-256, P-384, P-521) public key or certificate"
         ) from e
 
 
