@@ -79,12 +79,13 @@ def ok(result: Run) -> Run:
     return result
 
 
-def refused(result: Run, *fragments: str) -> str:
-    """A failure: exit 1 and exactly one line on stderr naming what is wrong."""
-    assert result.returncode == 1, result
+def refused(result: Run, *fragments: str, status: int = 1) -> str:
+    """A failure: the exit status and exactly one line on stderr naming what is wrong."""
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ctd-encoder: ")
+    assert lines[0].startswith("ctd-encoder: "), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]

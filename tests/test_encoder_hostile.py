@@ -17,14 +17,13 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from decoder import encode_cli, ocilayout
+from decoder import ocilayout
 from tests.layouts import (
     GZIP,
     OCI_CONFIG,
@@ -38,53 +37,14 @@ from tests.layouts import (
     tree_state,
 )
 from tests.support import KEYS, encrypt_layer
+from tests.test_encoder import Encoder, Run, encoder, ok, refused
 
 JWE_KEYS = "org.opencontainers.image.enc.keys.jwe"
 PUBOPTS = "org.opencontainers.image.enc.pubopts"
 PUB = KEYS / "rsa2048.pub.pem"
 PRIV = KEYS / "rsa2048-pkcs8.pem"
+__all__ = ["encoder"]  # the fixture, imported for its use here
 SCRIPT = Path(sys.executable).with_name("ctd-encoder")
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Encoder = Callable[..., Run]
-
-
-@pytest.fixture
-def encoder(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Encoder:
-    """ctd-encoder's main() in this process, its output captured."""
-    monkeypatch.delenv("CTD_ENCODER_DEBUG", raising=False)
-
-    def run(*args: object) -> Run:
-        capsys.readouterr()
-        code = encode_cli.main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    return run
-
-
-def ok(result: Run) -> Run:
-    assert result.returncode == 0, result.stderr
-    return result
-
-
-def refused(result: Run, *fragments: str, status: int = 1) -> str:
-    """A failure: the exit status and exactly one line on stderr naming what is wrong."""
-    assert result.returncode == status, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ctd-encoder: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def write_blob(root: Path, data: bytes, algorithm: str = "sha256") -> str:
