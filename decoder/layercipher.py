@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import binascii
 import errno
-import hashlib
-import hmac
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -169,6 +167,32 @@ def cipher_parameters(private: PrivateOptions, public: PublicOptions) -> CipherP
     return CipherParameters(private.symkey, nonce, expected_hmac, algorithm, expected_digest)
 
 
+def digest_context(algorithm: str) -> Any:
+    """A cryptography hash context for "sha256", "sha384" or "sha512". The decoder hashes with
+    cryptography, already loaded for AES, rather than hashlib, whose OpenSSL is a second
+    libcrypto to load on every start; both release the GIL on large updates."""
+    from cryptography.hazmat.primitives import hashes
+
+    kinds: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+        "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
+    }
+    return hashes.Hash(kinds[algorithm]())
+
+
+def mac_context(key: bytes) -> Any:
+    """ocicrypt's HMAC-SHA256 over the ciphertext, keyed with the layer key."""
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    return hmac.HMAC(key, hashes.SHA256())
+
+
+def same_bytes(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison (hmac.compare_digest without importing hashlib)."""
+    from _operator import _compare_digest
+
+    return bool(_compare_digest(a, b))
+
+
 class LayerDecryptor:
     """Streaming AES-256-CTR decryption with HMAC-SHA256 over the ciphertext and a digest
     over the plaintext, shaped like cryptography's cipher contexts."""
@@ -178,8 +202,9 @@ class LayerDecryptor:
 
         self._params = params
         self._ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
-        self._mac = hmac.new(params.key, digestmod="sha256")
-        self._digest = hashlib.new(params.digest_algorithm)
+        self._mac = mac_context(params.key)
+        self._digest = digest_context(params.digest_algorithm)
+        self._final: tuple[bytes, bytes] | None = None
         self.bytes_processed = 0
 
     def update_into(self, ciphertext: memoryview, out: memoryview) -> int:
@@ -190,17 +215,22 @@ class LayerDecryptor:
         self.bytes_processed += n
         return n
 
+    def _finish(self) -> tuple[bytes, bytes]:
+        if self._final is None:
+            self._final = (self._mac.finalize(), self._digest.finalize())
+        return self._final
+
     @property
     def plaintext_digest(self) -> str:
-        """The digest of the plaintext so far, as "algorithm:hex"."""
-        return f"{self._params.digest_algorithm}:{self._digest.hexdigest()}"
+        """The digest of the whole plaintext, as "algorithm:hex" (ends the stream)."""
+        return f"{self._params.digest_algorithm}:{self._finish()[1].hex()}"
 
     def verify(self, accept_digest_mismatch: bool = False) -> str | None:
         """Raise IntegrityError unless the HMAC and the plaintext digest both match. With
-        accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning."""
-        return verify(
-            self._params, self._mac.digest(), self._digest.digest(), accept_digest_mismatch
-        )
+        accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning.
+        Ends the stream."""
+        mac, digest = self._finish()
+        return verify(self._params, mac, digest, accept_digest_mismatch)
 
 
 def verify(
@@ -211,13 +241,13 @@ def verify(
     # Neither the computed HMAC nor the digests are shown: the HMAC of chosen ciphertext
     # under the layer key would let its sender forge a layer, and the plaintext digest is
     # part of the wrapped, confidential options.
-    if not hmac.compare_digest(mac, params.expected_hmac):
+    if not same_bytes(mac, params.expected_hmac):
         raise IntegrityError(
             "the layer failed its HMAC check (tampered, truncated or not this layer's "
             f"ciphertext; expected HMAC {params.expected_hmac.hex()}); "
             "the end of the plaintext was withheld"
         )
-    if hmac.compare_digest(digest, params.expected_digest):
+    if same_bytes(digest, params.expected_digest):
         return None
     mismatch = (
         f"the decrypted layer does not match the {params.digest_algorithm} digest "
@@ -262,13 +292,13 @@ class _DigestWriter:
     """The second thread: digests each decrypted chunk, then writes the plaintext the main
     thread has released. The main thread reads, MACs and decrypts (about 0.9 CPU-s per GB on
     these machines), this one hashes and writes (about the same): two busy cores, the
-    fewest hand-offs. hashlib releases the GIL while it hashes a large buffer and os.write
+    fewest hand-offs. cryptography releases the GIL while it hashes a large buffer and os.write
     while it writes, so the two run in parallel."""
 
     def __init__(
         self, hasher: Any, out_fd: int, write: Callable[[int, memoryview], None]
     ) -> None:
-        import threading
+        import _thread  # not threading: its imports cost a start-up a millisecond
         from _queue import SimpleQueue  # queue.SimpleQueue, without queue's other imports
 
         self._hasher = hasher
@@ -279,20 +309,24 @@ class _DigestWriter:
         self._error: BaseException | None = None
         self._stopped = False
         self.completed = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._running = _thread.allocate_lock()
+        self._running.acquire()
+        _thread.start_new_thread(self._run, ())
 
     def _run(self) -> None:
-        while (item := self._todo.get()) is not None:
-            if self._error is None and not self._stopped:
-                try:
-                    plaintext, releases = item
-                    self._hasher.update(plaintext)
-                    for view in releases:
-                        self._write(self._out_fd, view)
-                except BaseException as e:  # re-raised by the main thread
-                    self._error = e
-            self._done.put(1)
+        try:
+            while (item := self._todo.get()) is not None:
+                if self._error is None and not self._stopped:
+                    try:
+                        plaintext, releases = item
+                        self._hasher.update(plaintext)
+                        for view in releases:
+                            self._write(self._out_fd, view)
+                    except BaseException as e:  # re-raised by the main thread
+                        self._error = e
+                self._done.put(1)
+        finally:
+            self._running.release()
 
     def submit(self, plaintext: memoryview, releases: list[memoryview]) -> None:
         """Hash `plaintext`, then write `releases` (in order, after all earlier ones)."""
@@ -309,16 +343,20 @@ class _DigestWriter:
     def finish(self) -> Any:
         """Wait for every submission; return the hash object with all plaintext in it."""
         self._todo.put(None)
-        self._thread.join()
+        self._join()
         if self._error is not None:
             raise self._error
         return self._hasher
+
+    def _join(self) -> None:
+        self._running.acquire()
+        self._running.release()
 
     def abandon(self) -> None:
         """Stop without writing anything more (the main thread failed)."""
         self._stopped = True
         self._todo.put(None)
-        self._thread.join()
+        self._join()
 
 
 RING = 8  # chunk buffers: one being read and decrypted, the rest queued for the second thread
@@ -375,8 +413,8 @@ def decrypt_stream(
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
-    mac = hmac.new(params.key, digestmod="sha256")
-    digest_hash = hashlib.new(params.digest_algorithm)
+    mac = mac_context(params.key)
+    digest_hash = digest_context(params.digest_algorithm)
     if spool_fd is not None:
         writer = _DigestWriter(digest_hash, spool_fd, _spool_write)
     else:
@@ -441,7 +479,7 @@ def decrypt_stream(
             f"stdin ended after {decrypted} bytes but the layer's descriptor gives "
             f"{expected_size}; the end of the plaintext was withheld"
         )
-    warning = verify(params, mac.digest(), digest_hash.digest(), accept_digest_mismatch)
+    warning = verify(params, mac.finalize(), digest_hash.finalize(), accept_digest_mismatch)
     if spool_fd is not None:
         _copy_spool(spool_fd, out_fd, decrypted)
     if whole is not None:
@@ -569,9 +607,9 @@ def encrypt_stream(
     key = os.urandom(KEY_BYTES)
     nonce = os.urandom(NONCE_BYTES)
     ctr = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
-    mac = hmac.new(key, digestmod="sha256")
-    plain_digest = hashlib.sha256()
-    cipher_digest = hashlib.sha256()
+    mac = mac_context(key)
+    plain_digest = digest_context("sha256")
+    cipher_digest = digest_context("sha256")
     in_buf = bytearray(CHUNK)
     in_view = memoryview(in_buf)
     out_buf = bytearray(CHUNK + 16)
@@ -588,18 +626,18 @@ def encrypt_stream(
             progress(size)
     if length is not None and size != length:
         raise IntegrityError(f"the source layer ended after {size} of its {length} bytes")
-    digest = "sha256:" + plain_digest.hexdigest()
+    digest = "sha256:" + plain_digest.finalize().hex()
     if expected_digest is not None and expected_digest != digest:
         raise IntegrityError(
             f"the source layer's content is {digest}, "
             f"not the {expected_digest} its descriptor gives"
         )
     private = PrivateOptions(key, digest, {"nonce": nonce})
-    public = PublicOptions(CIPHER_AES_256_CTR_HMAC_SHA256, mac.digest(), {})
+    public = PublicOptions(CIPHER_AES_256_CTR_HMAC_SHA256, mac.finalize(), {})
     return EncryptedLayer(
         private_options=options_json(private),
         public_options=options_json(public),
         plaintext_digest=digest,
-        ciphertext_digest="sha256:" + cipher_digest.hexdigest(),
+        ciphertext_digest="sha256:" + cipher_digest.finalize().hex(),
         size=size,
     )

@@ -10,10 +10,7 @@ because it costs a whole layer's decryption time to import.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
-import zlib
 from typing import Any, NamedTuple
 
 from decoder.keys import KeyRing, PrivateKey
@@ -262,6 +259,8 @@ def _concat_kdf(shared: bytes, algorithm_id: bytes, apu: bytes, apv: bytes, size
     def field(data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + data
 
+    import hashlib  # here, not at the top: an RSA layer's start-up does without it
+
     other_info = field(algorithm_id) + field(apu) + field(apv) + (size * 8).to_bytes(4, "big")
     return hashlib.sha256(b"\x00\x00\x00\x01" + shared + other_info).digest()[:size]
 
@@ -287,6 +286,8 @@ def _decrypt_content(jwe: JWE, header: dict[str, Any], enc: str, cek: bytes) -> 
         size, hash_name = _CBC_HS[enc]
         if len(cek) != size or len(jwe.iv) != 16:
             return None
+        import hmac  # AES-CBC-HMAC content only (ocicrypt writes AES-GCM)
+
         mac_key, enc_key = cek[: size // 2], cek[size // 2 :]
         al = (len(aad) * 8).to_bytes(8, "big")
         mac = hmac.new(mac_key, aad + jwe.iv + jwe.ciphertext + al, hash_name).digest()
@@ -303,6 +304,8 @@ def _decrypt_content(jwe: JWE, header: dict[str, Any], enc: str, cek: bytes) -> 
         except ValueError:
             return None
     if header.get("zip") == "DEF":
+        import zlib  # only JWEs with "zip": "DEF" need it
+
         try:
             inflater = zlib.decompressobj(-15)
             plaintext = inflater.decompress(plaintext, _MAX_INFLATED)
@@ -352,6 +355,8 @@ def public_jwk(public_key: Any) -> dict[str, str]:
 def thumbprint(public_key: Any) -> str:
     """The RFC 7638 JWK thumbprint (SHA-256, base64url) of a public key: our recipients' kid."""
     canonical = json.dumps(public_jwk(public_key), separators=(",", ":"), sort_keys=True)
+    import hashlib
+
     return _b64url_encode(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
