@@ -228,9 +228,10 @@ def _log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def new_work_dir(prefix: str) -> Path:
-    """A fresh private directory for one run (short, so unix socket paths stay short)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+def new_work_dir(prefix: str, parent: Path | None = None) -> Path:
+    """A fresh private directory for one run (short, so unix socket paths stay short), in
+    the system's temp directory or `parent`."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def remove_work_dir(path: Path) -> None:
@@ -1548,8 +1549,8 @@ def unique_marker(case: str) -> str:
 
 
 @contextlib.contextmanager
-def work_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
-    path = new_work_dir(prefix)
+def work_dir(prefix: str, keep: bool = False, parent: Path | None = None) -> Iterator[Path]:
+    path = new_work_dir(prefix, parent)
     try:
         yield path
     finally:
