@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmark suite and regenerate docs/performance.md.
 
-    python -m bench                 full run (what `make bench` does), 5-10 minutes on 2 cores
+    python -m bench                 full run (what `make bench` does), about 8 minutes on 2 cores
     python -m bench --quick         fewer runs, smaller images, no 1 GiB layer, ~1.5 minutes;
                                     its report goes into the cache directory unless
                                     --report-dir is given (so does that of an --only run)
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     measure.SETTLE["patience"] = args.patience if args.patience is not None else (
         5.0 if quick else 30.0)
     warmup = args.warmup or 1
-    runs = args.runs or (3 if quick else 7)
+    runs = args.runs or (3 if quick else 11)
     rounds = Rounds(warmup, runs)
     startup_rounds = Rounds(max(warmup, 2), args.runs or (9 if quick else 21))
-    big_rounds = Rounds(warmup, min(runs, 3))
-    slow_rounds = Rounds(warmup, args.runs or (3 if quick else 5))
+    big_rounds = Rounds(warmup, min(runs, 5))
+    slow_rounds = Rounds(warmup, args.runs or (3 if quick else 7))
     sizes = [1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB]
     encoder_size = 64 * MIB if quick else 256 * MIB
     cri_size = (args.cri_mib or (16 if quick else 64)) * MIB
