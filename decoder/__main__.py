@@ -2,4 +2,4 @@
 
 from decoder.cli import main
 
-raise SystemExit(main())
+main()

@@ -583,7 +583,7 @@ def test_payload_writer_that_never_finishes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     code = (
         "import decoder.payload as p, decoder.cli as c, sys; p.PAYLOAD_TIMEOUT_SECONDS = 1;"
-        "sys.exit(c.main(['--decryption-keys-path', '/nonexistent']))"
+        "sys.exit(c.run(['--decryption-keys-path', '/nonexistent']))"
     )
     proc = subprocess.run(
         ["/bin/bash", "-c", f'exec 3<>"{fifo}"; exec "$@"', "sh", sys.executable, "-c", code],
