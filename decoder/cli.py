@@ -28,10 +28,11 @@ options:
   --accept-digest-mismatch    trust the HMAC alone when the plaintext digest differs from the
                               one in the layer's private options (skopeo records the source
                               blob's digest when it recompresses while encrypting)
-  --spool-dir DIR             decrypt into an unnamed file in DIR and write nothing until
-                              the layer has verified (layers up to 8 MiB are always held
-                              whole in memory); costs disk space and containerd's overlap
-                              of decryption with unpacking
+  --spool-dir DIR             decrypt into an unnamed file in DIR (which must exist) and
+                              write nothing until the layer has verified; costs the layer's
+                              size in DIR and containerd's overlap of decryption with
+                              unpacking (without it, layers up to 8 MiB are held in memory
+                              until verified, larger ones stream)
   --help                      show this help and exit
   --version                   show the version and exit
 """

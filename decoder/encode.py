@@ -51,6 +51,7 @@ from decoder.spec import (
 )
 
 MAX_DEPTH = 8
+ALREADY_WRAPPED = "already encrypted for "
 MAX_DESCRIPTORS = 10_000  # listed by the distinct indexes and manifests of one image
 WRAP_SCHEMES = ("jwe", "pkcs7")
 # recipient prefixes skopeo knows that this version does not wrap for yet
@@ -566,8 +567,7 @@ def plan(request: Request, root: Node) -> int:
                 if layer.recipients:
                     layer.action = "add"
                 else:
-                    layer.reason = ("already encrypted for "
-                                    + _recipient_summary(list(request.recipients)))
+                    layer.reason = ALREADY_WRAPPED + _recipient_summary(list(request.recipients))
             elif media_type in PLAIN_TO_ENCRYPTED:
                 layer.action = "encrypt"
                 if not str(layer.descriptor["digest"]).startswith("sha256:"):
@@ -839,13 +839,21 @@ def run(request: Request, reporter: Reporter) -> str:
     entry = layout.find_image(request.source.ref)
     root = load_tree(layout, entry)
     select(root, list(request.platforms), list(request.layers), request.source)
-    if not plan(request, root):
+    changes = plan(request, root)
+    # Layers that already have every recipient are kept as they are, and said so: asking
+    # again for recipients an image has is not an error (a script can run twice).
+    present = [(m, p) for m in root.manifests() if m.selected for p in m.layers
+               if p.reason.startswith(ALREADY_WRAPPED)]
+    if not changes and not present:
         kept = {p.reason for m in root.manifests() for p in m.layers if m.selected and p.reason}
         what = "encrypted" if request.command == "decrypt" else "a layer that can be encrypted"
         raise UsageError(
             f"nothing to {request.command}: no selected layer of {request.source} is {what}"
             + (f" ({'; '.join(sorted(kept))})" if kept else "") + "; nothing was written"
         )
+    for node, layer in present:
+        reporter.say(f"{node.label} layer {layer.index}: {layer.descriptor['digest']} "
+                     f"{layer.reason}; unchanged")
     ref = request.destination.ref or ocilayout.ref_name(entry)
     if _same_place(request.source, request.destination) and ref == ocilayout.ref_name(entry):
         raise UsageError(

@@ -25,7 +25,8 @@ NO_PAYLOAD_HELP = (
     'one only when CRI pulls with image_decryption key_model = "node" (containerd 2.1+ also '
     "needs use_local_image_pull = true) or when nerdctl or ctr-enc unpack; plain `ctr` "
     "pulls and imports, and processor ids other than io.containerd.ocicrypt.decoder.v1.tar "
-    "and ...v1.tar.gzip, pass none (see config/README.md)"
+    "and ...v1.tar.gzip, pass none (see /opt/ctd-decoder/config/README.md, config/ in the "
+    "source)"
 )
 
 

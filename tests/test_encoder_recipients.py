@@ -1,6 +1,7 @@
 """ctd-encoder and recipients it already has: a recipient given twice is taken once, one a
-layer is already wrapped for is not wrapped for again, layerinfo names JWE recipients by
-public key, and replacing an image under an existing ref says so."""
+layer is already wrapped for is not wrapped for again (a layer that has them all is kept as
+it is), layerinfo names JWE recipients by public key, and replacing an image under an
+existing ref says so."""
 
 from __future__ import annotations
 
@@ -51,11 +52,15 @@ def test_adding_a_jwe_recipient_the_layer_has_adds_nothing(
     simple_image(tmp_path / "src", random_layers(2))
     ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
                f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'one'}"))
-    # every layer already has it: nothing to do, nothing written, and no --key needed
-    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
-                    f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"),
-            "nothing to encrypt", f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'}")
-    assert not (tmp_path / "two").exists()
+    # every layer already has it: the image is written as it is (a script may run twice),
+    # each layer says so, and no --key is needed
+    again = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                       f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'same'}"))
+    assert again.stdout.count(f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'}; "
+                              "unchanged") == 2
+    assert Reader(tmp_path / "same").index["manifests"][0]["digest"] == (
+        Reader(tmp_path / "one").index["manifests"][0]["digest"])
+    Reader(tmp_path / "same").check_complete()
     # one old and one new recipient: only the new one is added
     result = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
                         "--recipient", f"jwe:{KEYS / 'ec384.pub.pem'}",
@@ -75,9 +80,11 @@ def test_adding_a_pkcs7_recipient_the_layer_has_adds_nothing(
     simple_image(tmp_path / "src", random_layers(1))
     ok(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
                f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'one'}"))
-    refused(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
-                    f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"),
-            "nothing to encrypt", "already encrypted for pkcs7:")
+    again = ok(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'alice-cert.pem'}",
+                       f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'same'}"))
+    assert "already encrypted for pkcs7:" in again.stdout
+    (same,) = Reader(tmp_path / "same").manifest()["layers"]
+    assert same == Reader(tmp_path / "one").manifest()["layers"][0]
     result = ok(encoder("encrypt", "--recipient", f"pkcs7:{PKCS7 / 'bob-cert.pem'}",
                         "--key", PKCS7 / "alice-key.pem", "--key", PKCS7 / "alice-cert.pem",
                         f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'two'}"))
