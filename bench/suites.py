@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import harness
+from decoder.spec import MEDIA_TYPE_ENV
 from tests.support import payload_bytes
 
 from bench import programs
@@ -51,7 +52,6 @@ from bench.measure import (
 )
 
 Progress = Callable[[str], None]
-MEDIA_TYPE_ENV = "STREAM_PROCESSOR_MEDIATYPE"
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,18 @@ options:
 MAX_MESSAGE_CHARS = 8192
 
 
+def escape_controls(text: str) -> str:
+    """Control characters (from file names, annotations, image contents) as escapes, so they
+    cannot move a terminal's cursor or start a line of their own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def one_line(text: str) -> str:
     """Escape control characters (names and headers come from untrusted input) and cap length,
     so each message stays one line that a terminal or `kubectl describe` shows as written."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = escape_controls(text)
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 20] + " ... (truncated)"
     return text

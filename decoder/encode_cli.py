@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
 from decoder import __version__
-from decoder.cli import one_line
+from decoder.cli import escape_controls, one_line
 from decoder.errors import DecoderError, UsageError
 
 PROGRAM = "ctd-encoder"
@@ -151,7 +151,7 @@ class TerminalReporter:
         """A result line (or lines), written whole or raising BrokenPipeError: straight to
         the file descriptor when there is one, since a buffered stream can lose the error
         of a pipe closed after a partial write and exit 0 with its output cut short."""
-        data = "\n".join(_printable(line) for line in text.split("\n")) + "\n"
+        data = "\n".join(escape_controls(line) for line in text.split("\n")) + "\n"
         try:
             fd = self.out.fileno()
         except (AttributeError, OSError, ValueError):  # not a real file (tests: captured)
@@ -166,14 +166,6 @@ class TerminalReporter:
     def warn(self, text: str) -> None:
         self.err.write(f"{PROGRAM}: warning: {one_line(text)}\n")
         self.err.flush()
-
-
-def _printable(line: str) -> str:
-    """A result line with control characters escaped: digests, media types and recipient
-    descriptions come from the image, and must not move the cursor or start a new line."""
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def format_layer_info(info: dict[str, Any]) -> str:
@@ -194,7 +186,7 @@ def format_layer_info(info: dict[str, Any]) -> str:
             if "openedBy" in layer:
                 opened = ", ".join(layer["openedBy"]) or "none of the given keys"
                 lines.append(f"      opened by: {opened}")
-    return "\n".join(_printable(line) for line in lines)
+    return "\n".join(escape_controls(line) for line in lines)
 
 
 def _size(size: int) -> str:
