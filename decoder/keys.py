@@ -499,7 +499,7 @@ def _load_private(loader: Any, password: bytes | None) -> Any:
 
 
 def _add_private(key: Any, source: str, ring: KeyRing, reasons: list[str]) -> bool:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size > MAX_RSA_BITS:
@@ -507,6 +507,8 @@ def _add_private(key: Any, source: str, ring: KeyRing, reasons: list[str]) -> bo
             return False
         ring.private_keys.append(PrivateKey(source, key, f"RSA {key.key_size}"))
         return True
+    from cryptography.hazmat.primitives.asymmetric import ec  # ~1.5 ms: only for non-RSA keys
+
     if isinstance(key, ec.EllipticCurvePrivateKey):
         curve = _EC_CURVES.get(key.curve.name)
         if curve is None:

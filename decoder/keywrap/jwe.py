@@ -205,7 +205,7 @@ def unwrap(blobs: list[bytes], ring: KeyRing, notes: list[str]) -> bytes | None:
 
 
 def _unwrap_cek(alg: str, recipient: Recipient, key: PrivateKey) -> bytes | None:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     private = key.key
     if alg.startswith("RSA-OAEP"):
@@ -222,6 +222,8 @@ def _unwrap_cek(alg: str, recipient: Recipient, key: PrivateKey) -> bytes | None
             )
         except ValueError:
             return None
+    from cryptography.hazmat.primitives.asymmetric import ec  # not imported for RSA keys
+
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         return None
     epk = recipient.header.get("epk")
@@ -259,10 +261,13 @@ def _concat_kdf(shared: bytes, algorithm_id: bytes, apu: bytes, apv: bytes, size
     def field(data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + data
 
-    import hashlib  # here, not at the top: an RSA layer's start-up does without it
+    # cryptography's SHA-256, already loaded: hashlib would load a second libcrypto
+    from cryptography.hazmat.primitives import hashes
 
     other_info = field(algorithm_id) + field(apu) + field(apv) + (size * 8).to_bytes(4, "big")
-    return hashlib.sha256(b"\x00\x00\x00\x01" + shared + other_info).digest()[:size]
+    sha256 = hashes.Hash(hashes.SHA256())
+    sha256.update(b"\x00\x00\x00\x01" + shared + other_info)
+    return sha256.finalize()[:size]
 
 
 def _decrypt_content(jwe: JWE, header: dict[str, Any], enc: str, cek: bytes) -> bytes | None:
