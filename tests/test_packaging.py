@@ -338,30 +338,47 @@ def frozen_contents(exe: Path, recursive: bool) -> set[str]:
     return set(pkg_archive_contents(str(exe), recursive=recursive))
 
 
+def bundled_modules(bundle: Bundle) -> set[str]:
+    """Dotted names of the pure-Python modules the bundle carries: the spec builds with
+    noarchive, so each is a .pyc file under _internal/ that every program shares."""
+    internal = bundle.exe.parent / "_internal"
+    names = set()
+    for pyc in internal.rglob("*.pyc"):
+        parts = pyc.relative_to(internal).with_suffix("").parts
+        names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
 def test_bundle_holds_every_lazy_and_by_name_import(bundle: Bundle) -> None:
-    """Function-level imports and modules importlib loads by name are all frozen in: each
-    program has its own module archive, every key-wrap scheme is in each, and every module
-    the package imports is in one of them (the encoder's only in ctd-encoder's)."""
+    """Function-level imports and modules importlib loads by name are all in the bundle:
+    every key-wrap scheme, and every decoder and cryptography module the package imports
+    (or the extension module beside them)."""
     from decoder.keywrap import SCHEMES
 
-    programs = [p for p in bundle.exe.parent.iterdir() if p.is_file() and os.access(p, os.X_OK)]
-    frozen_by_program = {p.name: frozen_contents(p, recursive=True) for p in programs}
-    for program, frozen in frozen_by_program.items():
-        assert set(SCHEMES.values()) <= frozen, f"{program} lacks a key-wrap scheme module"
-    frozen_anywhere = set().union(*frozen_by_program.values())
+    modules = bundled_modules(bundle)
+    assert set(SCHEMES.values()) <= modules, "a key-wrap scheme module is missing"
+    assert {"decoder.cli", "decoder.encode", "decoder.ocilayout"} <= modules
     wanted = {
         name for name in _imported_modules(ROOT / "decoder")
         if name.split(".")[0] in ("decoder", "cryptography")
     }
     # `from pkg import name` adds pkg.name, which is only a module when such a file exists
     missing = sorted(
-        name for name in wanted - frozen_anywhere
+        name for name in wanted - modules
         if _is_module(name) and not _extension_in_bundle(bundle, name)
     )
     assert not missing, f"modules missing from the bundle: {missing}"
-    if "ctd-encoder" in frozen_by_program:
-        assert {"decoder.encode", "decoder.ocilayout"} <= frozen_by_program["ctd-encoder"]
-        assert "decoder.encode" not in frozen_by_program[NAME], "the decoder never needs it"
+
+
+def test_bundle_modules_are_files_not_archives(bundle: Bundle) -> None:
+    """No program's compressed module archive (PYZ) holds a module to unpack at every start:
+    the modules are .pyc files, loaded as a pip install loads them."""
+    for program in (p for p in bundle.exe.parent.iterdir() if p.is_file()):
+        in_archive = frozen_contents(program, recursive=True)
+        top_level = frozen_contents(program, recursive=False)
+        assert program.name in top_level
+        assert not in_archive - top_level, (program.name, sorted(in_archive - top_level))
+    assert "decoder.cli" in bundled_modules(bundle)
 
 
 def test_bundled_encoder_encrypts_for_the_bundled_decoder(bundle: Bundle, tmp_path: Path) -> None:
