@@ -4,6 +4,7 @@ payload reaches fd 3, order rotates, ratios pair runs of the same round."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_spawn_compares_stdout_with_a_reference_file(tmp_path: Path, size: int) 
         assert bad.stdout_differs_at == expected_offset, name
         with pytest.raises(WrongOutput, match=f"differ from .* at offset {expected_offset}"):
             measure.expect_same_output(bad, source)
+
+
+def test_a_rewritten_reference_file_is_compared_as_it_is_now(tmp_path: Path) -> None:
+    """The reader maps each reference once; a file written anew is mapped anew."""
+    source = tmp_path / "in"
+    source.write_bytes(b"first version\n")
+    copy = [sys.executable, "-c", "import shutil,sys; shutil.copyfileobj(sys.stdin.buffer, "
+            "sys.stdout.buffer)"]
+    assert measure.spawn(copy, stdin=source, reference=source).stdout_differs_at is None
+    other = tmp_path / "other"
+    other.write_bytes(b"first version\n")
+    source.write_bytes(b"later version, longer\n")
+    os.utime(source, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert measure.spawn(copy, stdin=source, reference=source).stdout_differs_at is None
+    assert measure.spawn(copy, stdin=other, reference=source).stdout_differs_at == 0
 
 
 def test_alternate_rotates_and_stops_at_the_first_wrong_run(
