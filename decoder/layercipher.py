@@ -21,7 +21,7 @@ from __future__ import annotations
 import binascii
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from decoder import gojson
@@ -207,11 +207,20 @@ class LayerDecryptor:
         self._final: tuple[bytes, bytes] | None = None
         self.bytes_processed = 0
 
-    def update_into(self, ciphertext: memoryview, out: memoryview) -> int:
-        """Decrypt `ciphertext` into `out` (at least len(ciphertext) + 15 bytes long)."""
-        self._mac.update(ciphertext)
+    def update_into(
+        self, ciphertext: memoryview, out: memoryview, hasher: SecondThread | None = None
+    ) -> int:
+        """Decrypt `ciphertext` into `out` (at least len(ciphertext) + 15 bytes long). With
+        `hasher`, the HMAC and digest updates go to that thread: both buffers stay in use
+        until it has done this submission, and it must have finished before the results
+        are read."""
+        if hasher is None:
+            self._mac.update(ciphertext)
         n = self._ctr.update_into(ciphertext, out)
-        self._digest.update(out[:n])
+        if hasher is None:
+            self._digest.update(out[:n])
+        else:
+            hasher.submit(((self._mac, ciphertext), (self._digest, out[:n])))
         self.bytes_processed += n
         return n
 
@@ -288,26 +297,31 @@ def _release_point(emitted: int, decrypted: int, expected_size: int | None = Non
     return max(emitted, limit - (limit - 1) % TAR_BLOCK)
 
 
-class _DigestWriter:
-    """The second thread: digests each decrypted chunk, then writes the plaintext the main
-    thread has released. The main thread reads, MACs and decrypts (about 0.9 CPU-s per GB on
-    these machines), this one hashes and writes (about the same): two busy cores, the
-    fewest hand-offs. cryptography releases the GIL while it hashes a large buffer and os.write
-    while it writes, so the two run in parallel."""
+Updates = tuple[tuple[Any, memoryview], ...]  # (hash or HMAC context, bytes to feed it)
+
+
+class SecondThread:
+    """The second core's worker: feeds chunks to hash contexts, then writes chunks to an fd,
+    one submission after another in order. In the decoder the main thread reads, MACs and
+    decrypts (about 0.9 CPU-s per GB on these machines) and this one digests the plaintext and
+    writes it (about the same): two busy cores, the fewest hand-offs. The encoder gives it two
+    of its three hashes. cryptography releases the GIL while it hashes a large buffer and
+    os.write while it writes, so the two threads run in parallel; AES-CTR holds it, so it
+    stays on the main thread."""
 
     def __init__(
-        self, hasher: Any, out_fd: int, write: Callable[[int, memoryview], None]
+        self, out_fd: int = -1, write: Callable[[int, memoryview], None] = write_all
     ) -> None:
         import _thread  # not threading: its imports cost a start-up a millisecond
         from _queue import SimpleQueue  # queue.SimpleQueue, without queue's other imports
 
-        self._hasher = hasher
         self._out_fd = out_fd
         self._write = write
-        self._todo: SimpleQueue[tuple[memoryview, list[memoryview]] | None] = SimpleQueue()
+        self._todo: SimpleQueue[tuple[Updates, Sequence[memoryview]] | None] = SimpleQueue()
         self._done: SimpleQueue[int] = SimpleQueue()
         self._error: BaseException | None = None
         self._stopped = False
+        self.submitted = 0
         self.completed = 0
         self._running = _thread.allocate_lock()
         self._running.acquire()
@@ -318,9 +332,10 @@ class _DigestWriter:
             while (item := self._todo.get()) is not None:
                 if self._error is None and not self._stopped:
                     try:
-                        plaintext, releases = item
-                        self._hasher.update(plaintext)
-                        for view in releases:
+                        updates, writes = item
+                        for context, data in updates:
+                            context.update(data)
+                        for view in writes:
                             self._write(self._out_fd, view)
                     except BaseException as e:  # re-raised by the main thread
                         self._error = e
@@ -328,9 +343,11 @@ class _DigestWriter:
         finally:
             self._running.release()
 
-    def submit(self, plaintext: memoryview, releases: list[memoryview]) -> None:
-        """Hash `plaintext`, then write `releases` (in order, after all earlier ones)."""
-        self._todo.put((plaintext, releases))
+    def submit(self, updates: Updates, writes: Sequence[memoryview] = ()) -> None:
+        """Feed each (context, data) of `updates`, then write `writes`, after all earlier
+        submissions. The buffers stay in use until wait_for says this one is done."""
+        self._todo.put((updates, writes))
+        self.submitted += 1
 
     def wait_for(self, count: int) -> None:
         """Block until the first `count` submissions are done (their buffers are free);
@@ -340,20 +357,19 @@ class _DigestWriter:
         if self._error is not None:
             raise self._error
 
-    def finish(self) -> Any:
-        """Wait for every submission; return the hash object with all plaintext in it."""
+    def finish(self) -> None:
+        """Wait for every submission and end the thread; raise what it hit."""
         self._todo.put(None)
         self._join()
         if self._error is not None:
             raise self._error
-        return self._hasher
 
     def _join(self) -> None:
         self._running.acquire()
         self._running.release()
 
     def abandon(self) -> None:
-        """Stop without writing anything more (the main thread failed)."""
+        """Stop without feeding or writing anything more (the main thread failed)."""
         self._stopped = True
         self._todo.put(None)
         self._join()
@@ -361,6 +377,7 @@ class _DigestWriter:
 
 RING = 8  # chunk buffers: one being read and decrypted, the rest queued for the second thread
 RING_CHUNK = 256 * 1024  # each chunk stays in the core's cache between its read and its MAC
+ENCRYPT_SLOTS = 2  # encoder: the chunk being worked on, and the one the second thread hashes
 PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
 
 
@@ -416,9 +433,9 @@ def decrypt_stream(
     mac = mac_context(params.key)
     digest_hash = digest_context(params.digest_algorithm)
     if spool_fd is not None:
-        writer = _DigestWriter(digest_hash, spool_fd, _spool_write)
+        writer = SecondThread(spool_fd, _spool_write)
     else:
-        writer = _DigestWriter(digest_hash, out_fd, write)
+        writer = SecondThread(out_fd, write)
     whole: memoryview | None = None  # the layer held in memory, when it is small
     if spool_fd is None and expected_size is not None and expected_size <= FULL_HOLD:
         whole = memoryview(bytearray(expected_size + 16))
@@ -467,7 +484,7 @@ def decrypt_stream(
                     pending.popleft()
                 else:
                     pending[0] = head[take:]
-            writer.submit(plaintext, releases)
+            writer.submit(((digest_hash, plaintext),), releases)
             if filled < len(buffer[:RING_CHUNK]):
                 break
     except BaseException:
@@ -610,20 +627,30 @@ def encrypt_stream(
     mac = mac_context(key)
     plain_digest = digest_context("sha256")
     cipher_digest = digest_context("sha256")
-    in_buf = bytearray(CHUNK)
-    in_view = memoryview(in_buf)
-    out_buf = bytearray(CHUNK + 16)
-    out_view = memoryview(out_buf)
+    # Three hashes per byte: the main thread reads, digests the plaintext, encrypts and
+    # writes; the second thread MACs and digests the ciphertext of the chunk before.
+    slots = [(memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK + 16)))
+             for _ in range(ENCRYPT_SLOTS)]
+    hasher = SecondThread()
     size = 0
-    while n := read_chunk(in_fd, in_view, None if length is None else length - size):
-        plain_digest.update(in_view[:n])
-        ctr.update_into(in_view[:n], out_view)
-        mac.update(out_view[:n])
-        cipher_digest.update(out_view[:n])
-        write_all(out_fd, out_view[:n], "the encrypted layer")
-        size += n
-        if progress is not None:
-            progress(size)
+    try:
+        while True:
+            hasher.wait_for(hasher.submitted - ENCRYPT_SLOTS + 1)  # this slot's hashes done
+            in_view, out_view = slots[hasher.submitted % ENCRYPT_SLOTS]
+            n = read_chunk(in_fd, in_view, None if length is None else length - size)
+            if not n:
+                break
+            plain_digest.update(in_view[:n])
+            ctr.update_into(in_view[:n], out_view)
+            hasher.submit(((mac, out_view[:n]), (cipher_digest, out_view[:n])))
+            write_all(out_fd, out_view[:n], "the encrypted layer")
+            size += n
+            if progress is not None:
+                progress(size)
+    except BaseException:
+        hasher.abandon()
+        raise
+    hasher.finish()
     if length is not None and size != length:
         raise IntegrityError(f"the source layer ended after {size} of its {length} bytes")
     digest = "sha256:" + plain_digest.finalize().hex()
