@@ -475,6 +475,29 @@ def test_decrypt_restores_the_original_layers(encoder: Encoder, tmp_path: Path) 
     assert got == [layer.descriptor() for layer in layers]
 
 
+def test_layers_of_many_chunks_round_trip_through_both_threads(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """Layers of several chunks cycle through the buffers the second thread hashes from."""
+    layers = [Layer(os.urandom(3 * layercipher.CHUNK + 5), GZIP),
+              Layer(os.urandom(2 * layercipher.CHUNK), TAR)]
+    simple_image(tmp_path / "src", layers)
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    encrypted = Reader(tmp_path / "enc")
+    encrypted.check_complete()  # every blob matches its digest
+    for layer, descriptor in zip(layers, encrypted.manifest()["layers"], strict=True):
+        decoded = run_decoder(encrypted.blob(descriptor["digest"]), payload_bytes(descriptor),
+                              ["--decryption-keys-path", str(key_dir(tmp_path, "ec256-pkcs8.pem"))])
+        assert decoded.returncode == 0, decoded.stderr
+        assert decoded.stdout == layer.data
+    ok(encoder("decrypt", "--key", KEYS / "ec256-pkcs8.pem", f"oci:{tmp_path / 'enc'}",
+               f"oci:{tmp_path / 'dec'}"))
+    out = Reader(tmp_path / "dec")
+    out.check_complete()
+    assert out.manifest()["layers"] == [layer.descriptor() for layer in layers]
+
+
 def test_decrypt_only_some_layers(encoder: Encoder, tmp_path: Path) -> None:
     layers = random_layers(2)
     simple_image(tmp_path / "src", layers)

@@ -172,6 +172,47 @@ def test_failed_write_stops_the_hash_threads(tmp_path: Path) -> None:
     assert threading.active_count() == threads_before
 
 
+def test_second_thread_feeds_in_order_and_stops_at_a_failure() -> None:
+    data = [os.urandom(100_000 + i) for i in range(5)]
+    worker = layercipher.SecondThread()
+    first, second = layercipher.digest_context("sha256"), layercipher.digest_context("sha512")
+    for chunk in data:
+        worker.submit(((first, memoryview(chunk)), (second, memoryview(chunk))))
+    worker.finish()
+    assert first.finalize() == hashlib.sha256(b"".join(data)).digest()
+    assert second.finalize() == hashlib.sha512(b"".join(data)).digest()
+
+    class Failing:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def update(self, data: memoryview) -> None:
+            self.calls += 1
+            if self.calls == 2:
+                raise OutputError("hash failed")
+
+    failing = Failing()
+    worker = layercipher.SecondThread()
+    for chunk in data:
+        worker.submit(((failing, memoryview(chunk)),))
+    with pytest.raises(OutputError, match="hash failed"):
+        worker.wait_for(len(data))
+    assert failing.calls == 2, "nothing is fed after a failure"
+    worker.abandon()
+
+
+def test_encrypt_stream_stops_its_second_thread_when_the_write_fails(tmp_path: Path) -> None:
+    src = tmp_path / "plain"
+    src.write_bytes(os.urandom(3 * layercipher.CHUNK))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with open(src, "rb") as fin, pytest.raises(OutputError, match="closed the output pipe"):
+            layercipher.encrypt_stream(fin.fileno(), write_end)
+    finally:
+        os.close(write_end)
+
+
 def test_widen_pipe_grows_pipes_and_leaves_files_alone(tmp_path: Path) -> None:
     import fcntl
 
