@@ -212,8 +212,11 @@ class LayerDecryptor:
     ) -> int:
         """Decrypt `ciphertext` into `out` (at least len(ciphertext) + 15 bytes long). With
         `hasher`, the HMAC and digest updates go to that thread: both buffers stay in use
-        until it has done this submission, and it must have finished before the results
-        are read."""
+        until it has done this submission, it must have finished before the results are
+        read, and `out` must be another buffer (the HMAC there runs after decryption, so in
+        place it would cover the plaintext)."""
+        if hasher is not None and out.obj is ciphertext.obj:
+            raise ValueError("update_into with a hasher cannot decrypt in place")
         if hasher is None:
             self._mac.update(ciphertext)
         n = self._ctr.update_into(ciphertext, out)

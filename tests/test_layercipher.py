@@ -201,6 +201,21 @@ def test_second_thread_feeds_in_order_and_stops_at_a_failure() -> None:
     worker.abandon()
 
 
+def test_decrypting_in_place_with_a_second_thread_is_refused() -> None:
+    """With a hasher the HMAC runs after decryption, so in place it would cover plaintext."""
+    params, ciphertext = make(os.urandom(1000))
+    worker = layercipher.SecondThread()
+    buffer = memoryview(bytearray(ciphertext + bytes(16)))
+    with pytest.raises(ValueError, match="in place"):
+        layercipher.LayerDecryptor(params).update_into(buffer[:1000], buffer, worker)
+    worker.finish()
+    separate = memoryview(bytearray(1016))
+    decryptor = layercipher.LayerDecryptor(params)
+    decryptor.update_into(memoryview(ciphertext), separate, (worker := layercipher.SecondThread()))
+    worker.finish()
+    assert decryptor.verify() is None
+
+
 def test_encrypt_stream_stops_its_second_thread_when_the_write_fails(tmp_path: Path) -> None:
     src = tmp_path / "plain"
     src.write_bytes(os.urandom(3 * layercipher.CHUNK))
