@@ -108,6 +108,21 @@ def test_ratios_pair_runs_of_the_same_round() -> None:
     assert c.wall("ours") == measure.Stats(2.0, 1.0, 4.0)
 
 
+def test_throughput_verdict_counts_the_rounds_that_reach_the_target() -> None:
+    from bench import report
+
+    walls = {report.REF: [3.0, 3.0, 3.0, 3.0], report.PIP: [1.0, 2.5, 1.9, 2.1],
+             report.BUNDLE: [2.5, 2.5, 2.5, 1.0]}
+    big = measure.Comparison("throughput 256 MiB", list(walls),
+                             {name: [Sample(w) for w in ws] for name, ws in walls.items()},
+                             size=report.THROUGHPUT_SIZE)
+    results = report.Results(mode="full", command="", rounds="", started="",
+                             throughput={report.THROUGHPUT_SIZE: big})
+    pip, bundle = [v for v in report.verdicts(results) if v.target.startswith("throughput")]
+    assert pip.passed is True and "2 of 4 rounds >= 1.5x" in pip.measured  # 3.0, 1.2, 1.58, 1.43
+    assert bundle.passed is False and "1 of 4 rounds >= 1.5x" in bundle.measured
+
+
 def test_parse_importtime_sums_self_times_and_ranks_top_level_imports() -> None:
     stderr = "\n".join([
         "import time: self [us] | cumulative | imported package",
