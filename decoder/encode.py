@@ -802,20 +802,11 @@ def _decrypt_blob(
     ciphertext_digest = hashlib.new(algorithm)
     # Three hashes per byte: this thread reads, digests the ciphertext, decrypts and writes;
     # the second MACs the ciphertext and digests the plaintext of the chunk before.
-    slots_count = layercipher.ENCRYPT_SLOTS
-    slots = [(memoryview(bytearray(layercipher.CHUNK)),
-              memoryview(bytearray(layercipher.CHUNK + 16))) for _ in range(slots_count)]
     hasher = layercipher.SecondThread()
     try:
-        while True:
-            hasher.wait_for(hasher.submitted - slots_count + 1)  # this slot's hashes done
-            in_view, out_view = slots[hasher.submitted % slots_count]
-            n = layercipher.read_chunk(blob.fd, in_view,
-                                       blob.size - decryptor.bytes_processed)
-            if not n:
-                break
-            ciphertext_digest.update(in_view[:n])
-            decryptor.update_into(in_view[:n], out_view, hasher)
+        for ciphertext, out_view in layercipher.slotted_chunks(hasher, blob.fd, blob.size):
+            ciphertext_digest.update(ciphertext)
+            n = decryptor.update_into(ciphertext, out_view, hasher)
             layercipher.write_all(out_fd, out_view[:n], "the decrypted layer")
             if progress is not None:
                 progress(decryptor.bytes_processed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import binascii
 import errno
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from decoder import gojson
@@ -609,6 +609,27 @@ def read_chunk(fd: int, view: memoryview, remaining: int | None) -> int:
         raise OutputError(f"cannot read the layer: {e.strerror}") from e
 
 
+def slotted_chunks(
+    hasher: SecondThread, in_fd: int, length: int | None = None
+) -> Iterator[tuple[memoryview, memoryview]]:
+    """The encoder's chunks: yields (input, output buffer of CHUNK + 16 bytes) from
+    ENCRYPT_SLOTS pairs of buffers, each pair only once the submission made with it before is
+    done, so the caller must submit to `hasher` exactly once per chunk. With `length`, exactly
+    that many bytes at most are read."""
+    slots = [(memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK + 16)))
+             for _ in range(ENCRYPT_SLOTS)]
+    size = index = 0
+    while True:
+        hasher.wait_for(index - ENCRYPT_SLOTS + 1)  # this pair's hashes are done
+        in_view, out_view = slots[index % ENCRYPT_SLOTS]
+        n = read_chunk(in_fd, in_view, None if length is None else length - size)
+        if not n:
+            return
+        size += n
+        index += 1
+        yield in_view[:n], out_view
+
+
 def encrypt_stream(
     in_fd: int,
     out_fd: int,
@@ -632,19 +653,13 @@ def encrypt_stream(
     cipher_digest = digest_context("sha256")
     # Three hashes per byte: the main thread reads, digests the plaintext, encrypts and
     # writes; the second thread MACs and digests the ciphertext of the chunk before.
-    slots = [(memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK + 16)))
-             for _ in range(ENCRYPT_SLOTS)]
     hasher = SecondThread()
     size = 0
     try:
-        while True:
-            hasher.wait_for(hasher.submitted - ENCRYPT_SLOTS + 1)  # this slot's hashes done
-            in_view, out_view = slots[hasher.submitted % ENCRYPT_SLOTS]
-            n = read_chunk(in_fd, in_view, None if length is None else length - size)
-            if not n:
-                break
-            plain_digest.update(in_view[:n])
-            ctr.update_into(in_view[:n], out_view)
+        for plaintext, out_view in slotted_chunks(hasher, in_fd, length):
+            n = len(plaintext)
+            plain_digest.update(plaintext)
+            ctr.update_into(plaintext, out_view)
             hasher.submit(((mac, out_view[:n]), (cipher_digest, out_view[:n])))
             write_all(out_fd, out_view[:n], "the encrypted layer")
             size += n
