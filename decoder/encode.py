@@ -583,7 +583,34 @@ def plan(request: Request, root: Node) -> int:
                 if layer.action == "decrypt":
                     _check_storable(layer.private_options, label)
             changes += layer.action != "keep"
+    if request.command == "encrypt":
+        _refuse_plain_copies(root)
     return changes
+
+
+def _refuse_plain_copies(root: Node) -> None:
+    """A blob this run encrypts must not stay in plain elsewhere in the image it writes (a
+    layer listed twice in a manifest, or shared with a platform left out): the registry would
+    get its plaintext after all."""
+    encrypted: dict[str, str] = {}
+    for node in root.manifests():
+        for layer in node.layers:
+            if layer.action == "encrypt":
+                encrypted.setdefault(str(layer.descriptor["digest"]), _layer_label(node, layer))
+    if not encrypted:
+        return
+    for node in root.manifests():
+        for layer in node.layers:
+            first = encrypted.get(str(layer.descriptor["digest"]))
+            if layer.action != "keep" or first is None:
+                continue
+            left_out = ("its platform is not among the --platform options" if not node.selected
+                        else "its index is not among the --layer options")
+            raise UsageError(
+                f"{first} is also layer {layer.index} of {node.label}, which this run would "
+                f"leave in plain ({left_out}), so the image written would still carry the "
+                "layer unencrypted; select that layer too, or leave out --layer/--platform"
+            )
 
 
 def _open_with_context(request: Request, layer: LayerPlan, label: str) -> bytes:

@@ -325,6 +325,43 @@ def test_layer_selection(
         assert (layer["digest"] == digest(source.data)) is not encrypted
 
 
+def test_a_layer_listed_twice_is_not_left_in_plain_by_layer(encoder: Encoder, tmp_path: Path) -> None:
+    secret, other = random_layers(2)
+    simple_image(tmp_path / "src", [secret, other, secret])
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "0",
+                    f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"),
+            f"layer 0 of linux/amd64 ({digest(secret.data)}) is also layer 2 of linux/amd64",
+            "--layer options", "unencrypted")
+    assert not (tmp_path / "dst").exists()
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "0",
+               "--layer", "2", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"))
+    got = Reader(tmp_path / "dst").manifest()["layers"]
+    assert [la["mediaType"].endswith("+encrypted") for la in got] == [True, False, True]
+    assert got[0]["digest"] == got[2]["digest"], "one blob, encrypted once"
+
+
+def test_a_layer_shared_with_a_platform_left_out_is_refused(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    builder = LayoutBuilder(tmp_path / "src")
+    shared, own = random_layers(2)
+    amd64 = builder.manifest([shared, own], arch="amd64")
+    arm64 = builder.manifest([shared], arch="arm64")
+    builder.add(builder.index([(amd64, "linux/amd64"), (arm64, "linux/arm64")]), "multi")
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    "--platform", "linux/amd64", f"oci:{tmp_path / 'src'}",
+                    f"oci:{tmp_path / 'dst'}"),
+            f"({digest(shared.data)}) is also layer 0 of linux/arm64",
+            "--platform options")
+    assert not (tmp_path / "dst").exists()
+    # its own layer alone is fine, and so are both platforms
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--platform",
+               "linux/amd64", "--layer", "1", f"oci:{tmp_path / 'src'}",
+               f"oci:{tmp_path / 'one'}"))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'all'}"))
+
+
 def two_platform_image(root: Path) -> tuple[LayoutBuilder, dict[str, Any], dict[str, Any]]:
     builder = LayoutBuilder(root)
     amd64 = builder.manifest(random_layers(2), arch="amd64")
