@@ -226,27 +226,54 @@ def parse_key_argument(text: str) -> tuple[str, bytes | None]:
     if secret.startswith("pass="):
         return path, secret[len("pass=") :].encode()
     if secret.startswith("file="):
-        data = _read_small_file(secret[len("file=") :], "password file")
-        return path, data[:-1] if data.endswith(b"\n") else data
+        return path, keys.strip_newline(_read_small_file(secret[len("file=") :], "password file"))
     if secret.startswith("fd="):
-        try:
-            return path, os.read(int(secret[len("fd=") :]), 64).rstrip(b"\n")
-        except (ValueError, OverflowError, OSError) as e:
-            raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
+        return path, keys.strip_newline(_read_password_fd(path, secret))
     return path, secret.encode()
+
+
+MAX_PASSWORD_BYTES = 4096
+
+
+def _read_password_fd(path: str, secret: str) -> bytes:
+    """fd=N up to its first newline or its end, however a pipe splits it; at most 4 KiB."""
+    import os
+
+    data = b""
+    try:
+        fd = int(secret[len("fd=") :])
+        while b"\n" not in data and (chunk := os.read(fd, MAX_PASSWORD_BYTES + 2 - len(data))):
+            data += chunk
+            if len(data) > MAX_PASSWORD_BYTES + 1:
+                raise UsageError(f"--key {path}: the password on {secret} is over "
+                                 f"{MAX_PASSWORD_BYTES} bytes")
+    except (ValueError, OverflowError, OSError) as e:
+        raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
+    line, newline, _ = data.partition(b"\n")
+    return line + newline
 
 
 def load_keys(arguments: list[str]) -> keys.KeyRing:
     """The --key files: each must hold a usable private key or certificate."""
+    import os
+
     files = []
     for argument in arguments:
         path, password = parse_key_argument(argument)
+        beside = path + keys.PASSWORD_SUFFIX
+        if password is None and os.path.isfile(beside):  # as in the decoder's key directories
+            password = keys.strip_newline(_read_small_file(beside, "password file"))
         files.append((path, _read_small_file(path, "key file"), password))
     ring = keys.load_key_files(files)
     if ring.skipped:
         source, reason = ring.skipped[0]
-        hint = (" (a public key names recipients: encrypt --recipient jwe:FILE, layerinfo "
-                "--recipient jwe:FILE)") if "public" in reason else ""
+        hint = ""
+        if "public" in reason:
+            hint = (" (a public key names recipients: encrypt --recipient jwe:FILE, layerinfo "
+                    "--recipient jwe:FILE)")
+        elif reason == keys.NO_PASSWORD:
+            hint = (f" (give it as --key {source}:file=PASSWORD-FILE, or put it in "
+                    f"{source}{keys.PASSWORD_SUFFIX})")
         raise KeyLoadError(f"--key {source}: {reason}{hint}")
     return ring
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     PrivateKeyType = RSAPrivateKey | EllipticCurvePrivateKey
 
 PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file-name suffix)
+NO_PASSWORD = "encrypted private key and no password for it"  # noqa: S105 (a reason)
 MAX_KEY_FILE_BYTES = 1024 * 1024
 MAX_DIRECTORY_ENTRIES = 4096
 MAX_DIRECTORY_DEPTH = 16
@@ -103,7 +104,10 @@ def load_keyring(directories: list[str], parameters: dict[str, list[bytes | None
         if data is None:
             ring.skip(source, "empty")
             continue
+        skipped_before = len(ring.skipped)
         _classify(data, password, source, ring)
+        if len(ring.skipped) > skipped_before and ring.skipped[-1][1] == NO_PASSWORD:
+            ring.skipped[-1] = (source, f"{NO_PASSWORD} (privkeys-passwords has none for it)")
     for index, data in enumerate(parameters.get("x509s", []), start=1):
         if data is not None:
             _classify(data, None, f"payload certificate {index}", ring)
@@ -129,24 +133,41 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
     except OSError as e:
         ring.skip(directory, f"key directory cannot be read ({e.strerror})")
         return
-    found = _walk(directory, root_real, ring)
-    reals = {f.real for f in found.values()}
+    found, entries = _walk(directory, root_real, ring)
+    names: dict[str, list[str]] = {}  # real path -> every entry (link or file) that reaches it
+    for entry, real in entries.items():
+        names.setdefault(real, []).append(entry)
+
+    def beside(item: _Found) -> _Found | None:
+        """The password file beside any name of the key (a link's own name included)."""
+        for name in names.get(item.real, [item.real]):
+            real = entries.get(name + PASSWORD_SUFFIX)
+            if real is not None and real in found:
+                return found[real]
+        return None
+
     for item in found.values():
-        if item.real.endswith(PASSWORD_SUFFIX) and item.real[: -len(PASSWORD_SUFFIX)] in reals:
+        if any(name.endswith(PASSWORD_SUFFIX) and name[: -len(PASSWORD_SUFFIX)] in entries
+               for name in names.get(item.real, [item.real])):
             continue  # the password of the key file beside it
         data = _read_file(item, ring)
         if data is None:
             continue
         password: bytes | None = None
-        password_item = found.get(item.real + PASSWORD_SUFFIX)
+        password_item = beside(item)
         if password_item is not None:
             raw = _read_file(password_item, ring)
             if raw is not None:
-                password = _strip_newline(raw)
+                password = strip_newline(raw)
         skipped_before = len(ring.skipped)
         _classify(data, password, item.display, ring)
-        if item.real.endswith(PASSWORD_SUFFIX) and len(ring.skipped) > skipped_before:
+        if len(ring.skipped) == skipped_before:
+            continue
+        if item.real.endswith(PASSWORD_SUFFIX):
             ring.skipped[-1] = (item.display, "password file with no key file beside it")
+        elif ring.skipped[-1][1] == NO_PASSWORD:
+            beside = os.path.basename(item.display) + PASSWORD_SUFFIX
+            ring.skipped[-1] = (item.display, f"{NO_PASSWORD} (put it in {beside} beside it)")
 
 
 class _Frame:
@@ -159,9 +180,13 @@ class _Frame:
         self.index = 0
 
 
-def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]:
-    """Regular files below the root in name order, each real file once, by real path."""
+def _walk(
+    root_display: str, root_real: str, ring: KeyRing
+) -> tuple[dict[str, _Found], dict[str, str]]:
+    """Regular files below the root in name order, each real file once, by real path; and
+    every directory entry that reaches one (its path in its real directory) -> real path."""
     found: dict[str, _Found] = {}
+    reached: dict[str, str] = {}
     visited = {root_real}
     frames = [_Frame(root_display, (root_real,), _list(root_display, root_real, ring))]
     entries = 0
@@ -205,6 +230,7 @@ def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]
                 visited.add(real)
                 frames.append(_Frame(display, (*frame.ancestors, real), _list(display, real, ring)))
         elif stat.S_ISREG(st.st_mode):
+            reached.setdefault(path, real)
             previous = found.get(real)
             if previous is None:
                 found[real] = _Found(display, real)
@@ -212,7 +238,7 @@ def _walk(root_display: str, root_real: str, ring: KeyRing) -> dict[str, _Found]
                 found[real] = _Found(display, real)
         else:
             ring.skip(display, "not a regular file")
-    return found
+    return found, reached
 
 
 def _list(display: str, real: str, ring: KeyRing) -> list[str]:
@@ -245,7 +271,8 @@ def _read_file(item: _Found, ring: KeyRing) -> bytes | None:
     return data
 
 
-def _strip_newline(data: bytes) -> bytes:
+def strip_newline(data: bytes) -> bytes:
+    """A password file's content without its one trailing newline (LF or CRLF)."""
     if data.endswith(b"\r\n"):
         return data[:-2]
     if data.endswith(b"\n"):
@@ -485,10 +512,7 @@ def _load_private(loader: Any, password: bytes | None) -> Any:
         if "not encrypted" in text:  # a password was given for a plain key: not an error
             return _load_private(loader, None)
         if "not given" in text:
-            return (
-                "encrypted private key and no password for it "
-                f"(put the password in a file named <key file>{PASSWORD_SUFFIX} beside it)"
-            )
+            return NO_PASSWORD
         return f"unusable private key ({text})"
     except ValueError as e:
         if password is not None and ("decrypt" in str(e).lower() or "password" in str(e).lower()):

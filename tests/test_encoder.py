@@ -805,6 +805,44 @@ def test_key_passwords(encoder: Encoder, tmp_path: Path, form: str) -> None:
     assert "s3cret" not in result.stdout + result.stderr
 
 
+def test_key_passwords_from_a_pipe_a_crlf_file_and_beside_the_key(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """A 100-character password comes whole through fd=N even when a pipe delivers it in
+    pieces; a CRLF file loses its CRLF; KEY.password beside the key is used as the decoder
+    uses it; with none of them, the error says how to give one."""
+    long_password = "p" * 100
+    private = tmp_path / "long.pem"
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout",
+                    f"pass:{long_password}", "-in", str(KEYS / "rsa2048-pkcs1.pem"),
+                    "-out", str(private)], check=True)
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    read_end, write_end = os.pipe()
+    writer = subprocess.Popen(  # two writes, the second after a pause: two reads
+        [sys.executable, "-c", "import os, sys, time; os.write(1, sys.argv[1][:30].encode()); "
+         "time.sleep(0.3); os.write(1, sys.argv[1][30:].encode() + b'\\n')", long_password],
+        stdout=write_end)
+    os.close(write_end)
+    try:
+        ok(encoder("layerinfo", "--key", f"{private}:fd={read_end}", f"oci:{tmp_path / 'enc'}"))
+    finally:
+        os.close(read_end)
+        writer.wait()
+    (tmp_path / "crlf").write_bytes(long_password.encode() + b"\r\n")
+    ok(encoder("layerinfo", "--key", f"{private}:file={tmp_path / 'crlf'}",
+               f"oci:{tmp_path / 'enc'}"))
+    refused(encoder("layerinfo", "--key", private, f"oci:{tmp_path / 'enc'}"),
+            f"--key {private}: encrypted private key and no password for it (give it as "
+            f"--key {private}:file=PASSWORD-FILE, or put it in {private}.password)")
+    (tmp_path / "long.pem.password").write_text(long_password + "\n")
+    ok(encoder("layerinfo", "--key", private, f"oci:{tmp_path / 'enc'}"))
+    (tmp_path / "long.pem.password").write_text("wrong\n")
+    refused(encoder("layerinfo", "--key", private, f"oci:{tmp_path / 'enc'}"),
+            "password is wrong")
+
+
 # --- layerinfo ----------------------------------------------------------------------------
 
 

@@ -101,6 +101,27 @@ def test_wrong_password_is_reported(tmp_path: Path) -> None:
     assert "password is wrong" in ring.skipped[0][1]
 
 
+def test_a_missing_password_names_the_file_to_put_it_in(tmp_path: Path) -> None:
+    (tmp_path / "node.pem").write_bytes((KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes())
+    ring = load_keyring([str(tmp_path)], {})
+    assert ring.skipped == [(str(tmp_path / "node.pem"), "encrypted private key and no "
+                             "password for it (put it in node.pem.password beside it)")]
+    payload = load_keyring([], {"privkeys": [(KEYS / "rsa2048-legacy-encrypted.pem").read_bytes()]})
+    assert payload.skipped == [("payload key 1", "encrypted private key and no password for it "
+                                "(privkeys-passwords has none for it)")]
+
+
+def test_a_password_beside_a_link_to_the_key(tmp_path: Path) -> None:
+    """A `current.pem` link to a versioned key takes `current.pem.password` beside the link."""
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "key.pem").write_bytes((KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes())
+    (tmp_path / "current.pem").symlink_to("v2/key.pem")
+    (tmp_path / "current.pem.password").write_bytes(b"s3cret\n")
+    ring = load_keyring([str(tmp_path)], {})
+    assert [k.description for k in ring.private_keys] == ["RSA 2048"]
+    assert ring.skipped == []
+
+
 def test_orphan_password_file_and_password_for_plain_key(tmp_path: Path) -> None:
     (tmp_path / "a.pem").write_bytes((KEYS / "rsa2048-pkcs1.pem").read_bytes())
     (tmp_path / "a.pem.password").write_bytes(b"unused")
