@@ -166,8 +166,8 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
         if item.real.endswith(PASSWORD_SUFFIX):
             ring.skipped[-1] = (item.display, "password file with no key file beside it")
         elif ring.skipped[-1][1] == NO_PASSWORD:
-            beside = os.path.basename(item.display) + PASSWORD_SUFFIX
-            ring.skipped[-1] = (item.display, f"{NO_PASSWORD} (put it in {beside} beside it)")
+            name = os.path.basename(item.display) + PASSWORD_SUFFIX
+            ring.skipped[-1] = (item.display, f"{NO_PASSWORD} (put it in {name} beside it)")
 
 
 class _Frame:

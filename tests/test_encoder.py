@@ -325,7 +325,9 @@ def test_layer_selection(
         assert (layer["digest"] == digest(source.data)) is not encrypted
 
 
-def test_a_layer_listed_twice_is_not_left_in_plain_by_layer(encoder: Encoder, tmp_path: Path) -> None:
+def test_a_layer_listed_twice_is_not_left_in_plain_by_layer(
+    encoder: Encoder, tmp_path: Path
+) -> None:
     secret, other = random_layers(2)
     simple_image(tmp_path / "src", [secret, other, secret])
     refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}", "--layer", "0",
