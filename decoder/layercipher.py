@@ -8,12 +8,13 @@ annotation.
 
 Decryption fails closed. A layer of at most FULL_HOLD bytes goes out only after both the
 HMAC and the plaintext digest have verified. A larger one is released while at least
-HOLD_BACK bytes stay held back, every release ending one byte past a 512-byte boundary, so a
-truncated or corrupted layer never gets out as a whole tar, gzip or zstd stream; its tail
-goes out only after both checks. CTR is malleable, though: someone who knows a layer's
-plaintext can flip the ciphertext so that the released prefix is a stream of their choosing,
-which only the failed HMAC (exit status 1) reveals. With a spool file nothing goes out before
-both checks, whatever the size.
+HOLD_BACK bytes stay held back, every release ending one byte past a 512-byte boundary and
+never where a gzip member or zstd frame begins, so a truncated or corrupted layer never gets
+out as a whole tar, gzip or zstd stream (multi-member ones, as estargz and zstd:chunked
+write, included); its tail goes out only after both checks. CTR is malleable, though:
+someone who knows a layer's plaintext can flip the ciphertext so that the released prefix is
+a stream of their choosing, which only the failed HMAC (exit status 1) reveals. With a
+spool file nothing goes out before both checks, whatever the size.
 """
 
 from __future__ import annotations
@@ -289,15 +290,48 @@ def write_all(fd: int, data: memoryview, what: str = "the plaintext") -> None:
         data = data[written:]
 
 
-def _release_point(emitted: int, decrypted: int, expected_size: int | None = None) -> int:
+def _release_point(
+    emitted: int, decrypted: int, expected_size: int | None = None,
+    pending: Sequence[memoryview] = (),
+) -> int:
     """How far plaintext may go out: HOLD_BACK kept before the end (the descriptor's size
     when known, so appended bytes cannot push the real end out early), ending 1 byte past a
-    512-byte block."""
+    512-byte block, and not where the held-back bytes (`pending`, from `emitted` on) start a
+    gzip member or zstd frame: the prefix must not be a complete multi-member stream."""
     end = decrypted if expected_size is None else min(decrypted, expected_size)
     limit = end - HOLD_BACK
     if limit <= emitted:
         return emitted
-    return max(emitted, limit - (limit - 1) % TAR_BLOCK)
+    limit = max(emitted, limit - (limit - 1) % TAR_BLOCK)
+    if limit > emitted and _starts_a_stream(_peek(pending, limit - emitted, 4)):
+        # 2 bytes back: 511 past a block boundary, still inside a tar block, and no member
+        # or frame can start there too (no two of these magics overlap that way).
+        limit = max(emitted, limit - 2)
+    return limit
+
+
+GZIP_MEMBER = b"\x1f\x8b\x08"  # ID1 ID2 CM=deflate (RFC 1952)
+ZSTD_FRAME = b"\x28\xb5\x2f\xfd"  # 0xFD2FB528 little-endian (RFC 8878)
+ZSTD_SKIPPABLE_TAIL = b"\x2a\x4d\x18"  # 0x184D2A5? little-endian: a skippable frame
+
+
+def _starts_a_stream(head: bytes) -> bool:
+    return (head.startswith(GZIP_MEMBER) or head == ZSTD_FRAME
+            or (len(head) == 4 and head[0] & 0xF0 == 0x50 and head[1:] == ZSTD_SKIPPABLE_TAIL))
+
+
+def _peek(pending: Sequence[memoryview], offset: int, count: int) -> bytes:
+    """Up to `count` bytes from `offset` into the concatenation of `pending`."""
+    out = b""
+    for view in pending:
+        if offset >= len(view):
+            offset -= len(view)
+            continue
+        out += bytes(view[offset : offset + count - len(out)])
+        offset = 0
+        if len(out) == count:
+            break
+    return out
 
 
 Updates = tuple[tuple[Any, memoryview], ...]  # (hash or HMAC context, bytes to feed it)
@@ -475,7 +509,7 @@ def decrypt_stream(
             elif spool_fd is not None:
                 release = decrypted - emitted
             else:
-                release = _release_point(emitted, decrypted, expected_size) - emitted
+                release = _release_point(emitted, decrypted, expected_size, pending) - emitted
             emitted += release
             releases: list[memoryview] = []
             while release > 0:

@@ -253,6 +253,47 @@ def test_release_point_is_block_plus_one() -> None:
     assert layercipher._release_point(0, HOLD_BACK) == 0
 
 
+def test_a_truncated_multi_member_gzip_layer_is_not_a_complete_stream(tmp_path: Path) -> None:
+    """estargz writes one gzip member per file: a release that ended where a member ends
+    would be a whole, valid gzip stream of fewer files. It must stop short of that."""
+    import gzip
+    import zlib
+
+    size = 9 * 1024 * 1024  # above FULL_HOLD, so the layer streams
+    while True:  # a first member ending 1 byte past a 512-byte block, as releases do
+        first = gzip.compress(os.urandom(size), compresslevel=1, mtime=0)
+        if len(first) % TAR_BLOCK == 1:
+            break
+        size += 1
+    second = gzip.compress(os.urandom(300_000), compresslevel=1, mtime=0)
+    plaintext = first + second
+    params, ciphertext = make(plaintext)
+    cut = len(first) + HOLD_BACK + 100  # the release point falls on the member boundary
+    out, error = decrypt_bytes(params, ciphertext[:cut], tmp_path)
+    assert isinstance(error, IntegrityError)
+    assert 0 < len(out) < len(first) and plaintext.startswith(out)
+    with pytest.raises((EOFError, zlib.error, OSError)):
+        gzip.decompress(out)
+
+
+@pytest.mark.parametrize(
+    "magic", [b"\x1f\x8b\x08\x00", b"\x28\xb5\x2f\xfd", b"\x5a\x2a\x4d\x18"]
+)
+def test_release_point_steps_back_from_a_gzip_member_or_zstd_frame(magic: bytes) -> None:
+    decrypted = 3 * HOLD_BACK
+    natural = layercipher._release_point(0, decrypted)
+    data = bytearray(os.urandom(decrypted))
+    data[natural : natural + 4] = magic
+    point = layercipher._release_point(0, decrypted, None, [memoryview(data)])
+    assert point == natural - 2 and point % TAR_BLOCK == TAR_BLOCK - 1
+    # the same bytes split across two views, the magic straddling them
+    views = [memoryview(data)[: natural + 1], memoryview(data)[natural + 1 :]]
+    assert layercipher._release_point(0, decrypted, None, views) == natural - 2
+    # from an offset: pending starts at what was emitted
+    assert layercipher._release_point(1000, decrypted, None, [memoryview(data)[1000:]]) == (
+        natural - 2)
+
+
 def options(**changes: object) -> tuple[PrivateOptions, PublicOptions]:
     private = PrivateOptions(os.urandom(32), "sha256:" + "ab" * 32, {"nonce": os.urandom(16)})
     public = PublicOptions("AES_256_CTR_HMAC_SHA256", os.urandom(32), {})
