@@ -215,6 +215,7 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
         return 0
     source = ocilayout.parse_location(args.source)
     destination = ocilayout.parse_location(args.destination)
+    ocilayout.LATE_SIGNALS.clear()
     recipients = encode.parse_recipients(getattr(args, "recipient", None) or [], reporter)
     request = encode.Request(
         command=args.command,
@@ -227,6 +228,10 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
         accept_digest_mismatch=getattr(args, "accept_digest_mismatch", False),
     )
     encode.run(request, reporter)
+    for number in ocilayout.LATE_SIGNALS:
+        reporter.warn(f"{signal.Signals(number).name} came while {destination} was being "
+                      "saved, too late to stop it: the image was written in full")
+    ocilayout.LATE_SIGNALS.clear()
     return 0
 
 

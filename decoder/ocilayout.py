@@ -330,19 +330,29 @@ def open_layout(location: Location) -> Layout:
 def _signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP while a destination is committed, so that an
     interruption comes before (everything is removed) or after (the image is complete),
-    never between index.json being replaced and the bookkeeping that says so."""
+    never between index.json being replaced and the bookkeeping that says so. One that
+    comes meanwhile is noted in LATE_SIGNALS instead of raising: the commit finishes (or
+    fails on its own), and must not then be reported as interrupted. (Handlers, not a
+    signal mask: a mask holds only this thread, and the kernel may hand a process's signal
+    to another.)"""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.getsignal(number) for number in held}
+    for number in held:
+        signal.signal(number, lambda caught, _frame: LATE_SIGNALS.append(caught))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+LATE_SIGNALS: list[int] = []  # signals that came while a commit held them
 
 
 @contextlib.contextmanager

@@ -483,6 +483,35 @@ def test_a_stop_signal_mid_layer_leaves_nothing(
     assert tree_state(tmp_path / "existing") == before
 
 
+@pytest.mark.parametrize("destination", ["oci:{tmp}/dst", "oci-archive:{tmp}/dst.tar",
+                                         "oci:{tmp}/existing:other"])
+def test_a_stop_signal_during_the_commit_is_not_reported_as_nothing_written(
+    encoder: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, destination: str
+) -> None:
+    """SIGTERM while index.json (or the archive) is being put in place is held until the
+    commit is done; the image is then complete, and the run must say so, not 'nothing was
+    written'."""
+    simple_image(tmp_path / "src", random_layers(1))
+    simple_image(tmp_path / "existing", random_layers(1), ref="other")
+    real_replace = os.replace
+
+    def replace_then_signal(source: str, target: str) -> None:
+        real_replace(source, target)
+        if str(target).endswith(("index.json", "dst.tar")):  # the commit's own replace
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ocilayout.os, "replace", replace_then_signal)
+    where = destination.format(tmp=tmp_path)
+    result = ok(encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+                        where))
+    assert "SIGTERM came while" in result.stderr and "written in full" in result.stderr
+    assert "nothing was written" not in result.stderr
+    assert f"wrote {where}" in result.stdout
+    monkeypatch.setattr(ocilayout.os, "replace", real_replace)
+    info = ok(encoder("layerinfo", "--json", where)).stdout
+    assert all(layer["encrypted"] for m in json.loads(info)["manifests"] for layer in m["layers"])
+
+
 # --- 6. a reader that closes stdout early ---------------------------------------------------
 
 
