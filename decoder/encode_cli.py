@@ -124,6 +124,7 @@ class TerminalReporter:
     def start(self, label: str, total: int) -> Callable[[int], None] | None:
         if not self.tty:
             return None
+        label = escape_controls(label)  # it names a platform, from the image's own JSON
         began = time.monotonic()
         shown = [0.0]
 

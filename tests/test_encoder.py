@@ -989,6 +989,15 @@ def test_progress_line_only_on_a_terminal() -> None:
     assert err.getvalue().endswith("\r\x1b[K")
     plain = encode_cli.TerminalReporter(io.StringIO(), io.StringIO())
     assert plain.start("x", 1 << 30) is None
+    terminal = Terminal()
+    hostile = encode_cli.TerminalReporter(io.StringIO(), terminal)
+    hostile.DELAY = 0
+    draw = hostile.start("layer 0 of linux\x1b]0;title\x07\x1b[2J", 1 << 20)
+    assert draw is not None
+    draw(1 << 20)
+    drawn = terminal.getvalue()
+    assert "\x07" not in drawn and "\x1b]" not in drawn and "\x1b[2J" not in drawn
+    assert "linux\\x1b]0;title\\x07\\x1b[2J: 100%" in drawn
 
 
 # ctd-encoder's own main(), with the half-second before the first draw removed, so that a
