@@ -723,7 +723,7 @@ class Writer:
     def _unchanged(self, node: Node) -> dict[str, Any]:
         if not self.destination.has_blob(str(node.descriptor["digest"])):
             with self.destination.blob_sink() as sink:
-                layercipher.write_all(sink.fd, memoryview(node.raw), "the destination")
+                layercipher.write_all(sink.fd, memoryview(node.raw), str(self.request.destination))
                 sink.commit(str(node.descriptor["digest"]), len(node.raw))
         return node.descriptor
 
@@ -756,7 +756,8 @@ class Writer:
                 self.destination.blob_sink() as sink:
             try:
                 encrypted = layercipher.encrypt_stream(
-                    blob.fd, sink.fd, digest, blob.size, self._progress("encrypting", node, plan)
+                    blob.fd, sink.fd, digest, blob.size, self._progress("encrypting", node, plan),
+                    f"the encrypted layer into {self.request.destination}",
                 )
             finally:
                 self.reporter.finish()
@@ -807,7 +808,8 @@ class Writer:
                 self.destination.blob_sink() as sink:
             try:
                 decryptor = _decrypt_blob(params, blob, sink.fd,
-                                          self._progress("decrypting", node, plan))
+                                          self._progress("decrypting", node, plan),
+                                          f"the decrypted layer into {self.request.destination}")
             finally:
                 self.reporter.finish()
             try:
@@ -847,7 +849,7 @@ class Writer:
 
 def _decrypt_blob(
     params: layercipher.CipherParameters, blob: ocilayout.Blob, out_fd: int,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int], None] | None, output_name: str = "the decrypted layer",
 ) -> layercipher.LayerDecryptor:
     """Decrypt a whole blob to out_fd, checking the ciphertext against its digest; the caller
     verifies HMAC and plaintext digest before committing what was written."""
@@ -861,7 +863,7 @@ def _decrypt_blob(
         for ciphertext, out_view in layercipher.slotted_chunks(hasher, blob.fd, blob.size):
             ciphertext_digest.update(ciphertext)
             n = decryptor.update_into(ciphertext, out_view, hasher)
-            layercipher.write_all(out_fd, out_view[:n], "the decrypted layer")
+            layercipher.write_all(out_fd, out_view[:n], output_name)
             if progress is not None:
                 progress(decryptor.bytes_processed)
     except BaseException:
@@ -893,6 +895,26 @@ def _same_place(a: Location, b: Location) -> bool:
     return a.transport == b.transport and os.path.realpath(a.path) == os.path.realpath(b.path)
 
 
+class _HeldResults:
+    """A Reporter whose result lines are kept for later; progress and warnings go through."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.lines: list[str] = []
+
+    def start(self, label: str, total: int) -> Callable[[int], None] | None:
+        return self.reporter.start(label, total)
+
+    def finish(self) -> None:
+        self.reporter.finish()
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+
+    def warn(self, text: str) -> None:
+        self.reporter.warn(text)
+
+
 def run(request: Request, reporter: Reporter) -> str:
     """Encrypt or decrypt SRC into DST; return the new image's digest."""
     layout = Layout(request.source)
@@ -911,17 +933,20 @@ def run(request: Request, reporter: Reporter) -> str:
             f"nothing to {request.command}: no selected layer of {request.source} is {what}"
             + (f" ({'; '.join(sorted(kept))})" if kept else "") + "; nothing was written"
         )
-    for node, layer in present:
-        reporter.say(f"{node.label} layer {layer.index}: {layer.descriptor['digest']} "
-                     f"{layer.reason}; unchanged")
     ref = request.destination.ref or ocilayout.ref_name(entry)
     if _same_place(request.source, request.destination) and ref == ocilayout.ref_name(entry):
         raise UsageError(
             f"{request.destination} would replace the source image; give DST another REF"
         )
+    # Result lines wait for the commit: a run that fails writes nothing, and says nothing
+    # that would claim otherwise.
+    results = _HeldResults(reporter)
+    for node, layer in present:
+        results.say(f"{node.label} layer {layer.index}: {layer.descriptor['digest']} "
+                    f"{layer.reason}; unchanged")
     destination = ocilayout.open_destination(request.destination)
     try:
-        new_entry = Writer(request, layout, destination, reporter).node(root)
+        new_entry = Writer(request, layout, destination, results).node(root)
         if ref is not None:
             new_entry["annotations"] = {**(new_entry.get("annotations") or {}),
                                         REF_NAME_ANNOTATION: ref}
@@ -931,6 +956,8 @@ def run(request: Request, reporter: Reporter) -> str:
     except BaseException:
         destination.abort()
         raise
+    for line in results.lines:
+        reporter.say(line)
     where = Location(request.destination.transport, request.destination.path, ref)
     reporter.say(f"wrote {where} ({new_entry['digest']})"
                  + "".join(f"; it replaces the image {ref} was ({e.get('digest')})"

@@ -670,6 +670,7 @@ def encrypt_stream(
     expected_digest: str | None = None,
     length: int | None = None,
     progress: Callable[[int], None] | None = None,
+    output_name: str = "the encrypted layer",
 ) -> EncryptedLayer:
     """Encrypt in_fd to out_fd with a fresh key and nonce, in constant memory.
 
@@ -695,7 +696,7 @@ def encrypt_stream(
             plain_digest.update(plaintext)
             ctr.update_into(plaintext, out_view)
             hasher.submit(((mac, out_view[:n]), (cipher_digest, out_view[:n])))
-            write_all(out_fd, out_view[:n], "the encrypted layer")
+            write_all(out_fd, out_view[:n], output_name)
             size += n
             if progress is not None:
                 progress(size)

@@ -682,6 +682,12 @@ def test_same_layout_under_another_ref(encoder: Encoder, tmp_path: Path) -> None
     out = Reader(tmp_path / "img")
     out.check_complete()
     assert out.entry("plain") == plain
+    # a layer that has the recipient already: the refusal is still its only output
+    again = encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    "--key", KEYS / "ec256-sec1.pem", f"oci:{tmp_path / 'img'}:enc",
+                    f"oci:{tmp_path / 'img'}:enc")
+    refused(again, "would replace the source image")
+    assert again.stdout == ""
 
 
 @pytest.mark.parametrize("damage", ["layer", "config"])

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from decoder import ocilayout
+from decoder.errors import OutputError
 from tests.layouts import (
     GZIP,
     OCI_CONFIG,
@@ -363,6 +364,32 @@ def test_destination_in_a_pseudo_filesystem(
     refused(encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
                     destination), f"cannot write {what} {path}: ", f" in {os.path.dirname(path)}")
     assert not os.path.lexists(path)
+
+
+def test_a_run_that_fails_late_prints_no_layer_results_and_names_dst(
+    encoder: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the second layer is written: nothing is written, and stdout
+    carries no 'layer 0 ... encrypted as' line claiming otherwise."""
+    from decoder import layercipher
+
+    simple_image(tmp_path / "src", random_layers(2))
+    real_write_all = layercipher.write_all
+    calls: list[str] = []
+
+    def full_on_the_second_layer(fd: int, data: memoryview, what: str = "") -> None:
+        calls.append(what)
+        if what.startswith("the encrypted layer") and calls.count(what) == 2:
+            raise OutputError(f"cannot write {what}: No space left on device")
+        real_write_all(fd, data, what)
+
+    monkeypatch.setattr(layercipher, "write_all", full_on_the_second_layer)
+    result = encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+                     f"oci:{tmp_path / 'dst'}")
+    refused(result, f"cannot write the encrypted layer into oci:{tmp_path / 'dst'}: No space")
+    assert calls.count(calls[-1]) == 2, "the first layer was written before the failure"
+    assert result.stdout == ""
+    assert not (tmp_path / "dst").exists()
 
 
 @pytest.fixture
