@@ -355,6 +355,25 @@ def _signals_held() -> Iterator[None]:
 LATE_SIGNALS: list[int] = []  # signals that came while a commit held them
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(replacing: str | None = None) -> int:
+    """The mode for a file put in place: that of the file it replaces, else what the umask
+    allows (temporary files start at 0600, which would otherwise stay)."""
+    if replacing is not None:
+        with contextlib.suppress(OSError):
+            return stat.S_IMODE(os.stat(replacing).st_mode)
+    return 0o666 & ~_umask()
+
+
+def directory_mode() -> int:
+    return 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def _writing(what: str, path: str) -> Iterator[None]:
     """Turn an OSError while writing DST into one LayoutError line naming the path."""
@@ -498,7 +517,7 @@ class DirectoryDestination(Destination):
             if not os.path.isdir(directory):
                 os.makedirs(directory)
                 self._created.append(directory)
-            os.fchmod(sink.fd, 0o644)
+            os.fchmod(sink.fd, file_mode())
             os.fsync(sink.fd)
             existed = os.path.exists(final)
             os.replace(sink.token, final)
@@ -515,8 +534,9 @@ class DirectoryDestination(Destination):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.chmod(temp, 0o644)
-                os.replace(temp, os.path.join(self.root, INDEX_FILE))
+                index_path = os.path.join(self.root, INDEX_FILE)
+                os.chmod(temp, file_mode(index_path))
+                os.replace(temp, index_path)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
@@ -526,7 +546,7 @@ class DirectoryDestination(Destination):
                 self._created.clear()
                 return
             for directory in (self.root, os.path.join(self.root, "blobs")):
-                os.chmod(directory, 0o755)  # noqa: S103 (a layout is public, as skopeo's)
+                os.chmod(directory, directory_mode())  # mkdtemp made them 0700
             try:
                 os.rename(self._staging, self.location.path)
             except OSError as e:
@@ -653,7 +673,7 @@ class ArchiveDestination(Destination):
             end = os.lseek(self._fd, 0, os.SEEK_END) + 2 * _TAR_BLOCK
             self._write(bytes(2 * _TAR_BLOCK + (-end) % _TAR_RECORD))
             with _writing("the oci-archive", self.location.path):
-                os.fchmod(self._fd, 0o644)
+                os.fchmod(self._fd, file_mode(self.location.path))
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._closed = True

@@ -392,6 +392,31 @@ def test_a_run_that_fails_late_prints_no_layer_results_and_names_dst(
     assert not (tmp_path / "dst").exists()
 
 
+def test_what_it_writes_follows_the_umask_and_keeps_a_replaced_file_s_mode(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """Decrypted layers are plaintext: with umask 077 nothing it writes may be readable by
+    others (it forced 0644 and 0755); an archive it rewrites keeps its own mode."""
+    simple_image(tmp_path / "src", random_layers(2))
+    ok(encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+               f"oci:{tmp_path / 'enc'}"))
+    previous = os.umask(0o077)
+    try:
+        ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}",
+                   f"oci:{tmp_path / 'dec'}"))
+        ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}",
+                   f"oci-archive:{tmp_path / 'dec.tar'}"))
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "dec.tar", *(tmp_path / "dec").rglob("*"), tmp_path / "dec"]
+    loose = {str(p): oct(p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o077}
+    assert loose == {}
+    (tmp_path / "dec.tar").chmod(0o640)
+    ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}",
+               f"oci-archive:{tmp_path / 'dec.tar'}:again"))
+    assert (tmp_path / "dec.tar").stat().st_mode & 0o777 == 0o640
+
+
 @pytest.fixture
 def unprivileged() -> Iterator[tuple[Path, list[str]]]:
     """A scratch directory and the command prefix that runs ctd-encoder without write access
