@@ -167,10 +167,65 @@ def parse_recipients(specs: list[str], reporter: Reporter | None = None) -> tupl
     return tuple(kept.values())
 
 
-def already_wrapped_for(annotations: dict[str, str], recipient: Recipient) -> bool:
+# A JWE's per-recipient headers, kids included, are not authenticated: anyone who can change
+# the manifest can change them. Our JWEs carry, in their protected header, an HMAC of their
+# list of kids under a key derived from the layer's symmetric key, so whoever can open the
+# layer can tell the kids we wrote from altered ones (and nobody else can forge them).
+KIDS_MAC_HEADER = "urn:pyimgcrypt:kids-hmac"
+_KIDS_MAC_INFO = b"pyimgcrypt: the kids of one JWE's recipients, v1"
+
+
+def kids_mac(symkey: bytes, kids: list[str]) -> str:
+    """base64url HMAC-SHA256 of a JWE's kids (as a JSON array, in recipient order)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hmac as crypto_hmac
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=_KIDS_MAC_INFO).derive(symkey)
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(json.dumps(kids, separators=(",", ":")).encode())
+    return base64.urlsafe_b64encode(mac.finalize()).rstrip(b"=").decode("ascii")
+
+
+def verified_kids(annotations: dict[str, str], symkey: bytes) -> set[str]:
+    """The kids of the layer's JWEs whose kids-HMAC checks out under the layer's key."""
+    value = keywrap.wrapped_keys(annotations).get("jwe")
+    if not value:
+        return set()
+    try:
+        blobs = keywrap.decode_blobs("jwe", value)
+    except DecoderError:
+        return set()
+    verified: set[str] = set()
+    for blob in blobs:
+        try:
+            parsed = jwe.parse(blob)
+        except jwe.JWEFormatError:
+            continue
+        if kids_check_out(parsed, symkey):
+            verified.update(str(r.header["kid"]) for r in parsed.recipients)
+    return verified
+
+
+def kids_check_out(parsed: jwe.JWE, symkey: bytes) -> bool:
+    """Whether one JWE's kids are those its kids-HMAC was made over (and it has one)."""
+    import hmac
+
+    kids = [r.header.get("kid") for r in parsed.recipients]
+    named = [k for k in kids if isinstance(k, str)]
+    claimed = parsed.recipients[0].header.get(KIDS_MAC_HEADER)
+    if not isinstance(claimed, str) or len(named) != len(kids):
+        return False
+    return hmac.compare_digest(claimed.encode(), kids_mac(symkey, named).encode())
+
+
+def already_wrapped_for(
+    annotations: dict[str, str], recipient: Recipient, symkey: bytes | None = None
+) -> bool:
     """Whether the layer's keys annotation of the recipient's scheme names it already: a JWE
     recipient by its `kid` (JWEs without kids, as skopeo writes, cannot tell), a PKCS7 one by
-    its certificate's issuer and serial."""
+    its certificate's issuer and serial. With the layer's `symkey`, a JWE kid counts only
+    when its JWE's kids-HMAC checks out."""
     value = keywrap.wrapped_keys(annotations).get(recipient.scheme)
     if not value:
         return False
@@ -181,6 +236,8 @@ def already_wrapped_for(annotations: dict[str, str], recipient: Recipient) -> bo
     if recipient.scheme != "jwe":
         return bool(_pkcs7().names_certificate(blobs, recipient.key))
     kid = jwe.thumbprint(recipient.key)
+    if symkey is not None:
+        return kid in verified_kids(annotations, symkey)
     for blob in blobs:
         try:
             parsed = jwe.parse(blob)
@@ -208,7 +265,10 @@ def wrap_annotations(private_options: bytes, recipients: list[Recipient]) -> dic
         if not group:
             continue
         if scheme == "jwe":
-            blob = jwe.wrap(private_options, [(r.key, None) for r in group])
+            symkey = layercipher.parse_private_options(private_options).symkey
+            kids = [jwe.thumbprint(r.key) for r in group]
+            blob = jwe.wrap(private_options, [(r.key, None) for r in group],
+                            {KIDS_MAC_HEADER: kids_mac(symkey, kids)})
         else:
             blob = _pkcs7().wrap(private_options, [r.key for r in group])
         annotations[KEYS_ANNOTATION_PREFIX + scheme] = base64.b64encode(blob).decode("ascii")
@@ -589,12 +649,24 @@ def plan(request: Request, root: Node) -> int:
             elif encrypted:
                 annotations = layer.descriptor.get("annotations") or {}
                 annotations = annotations if isinstance(annotations, dict) else {}
-                layer.recipients = tuple(r for r in request.recipients
-                                         if not already_wrapped_for(annotations, r))
+                claimed = [r for r in request.recipients if already_wrapped_for(annotations, r)]
+                checked = ""
+                if any(r.scheme == "jwe" for r in claimed):
+                    if request.ring.private_keys:  # a kid is a claim until the layer's key says
+                        digest = str(layer.descriptor["digest"])
+                        if digest not in opened:
+                            opened[digest] = _open_with_context(request, layer, label)
+                        symkey = layercipher.parse_private_options(opened[digest]).symkey
+                        claimed = [r for r in claimed
+                                   if already_wrapped_for(annotations, r, symkey)]
+                    else:
+                        checked = " (as its JWE's kids claim; give --key to check them)"
+                layer.recipients = tuple(r for r in request.recipients if r not in claimed)
                 if layer.recipients:
                     layer.action = "add"
                 else:
-                    layer.reason = ALREADY_WRAPPED + _recipient_summary(list(request.recipients))
+                    layer.reason = (ALREADY_WRAPPED + _recipient_summary(list(request.recipients))
+                                    + checked)
             elif media_type in PLAIN_TO_ENCRYPTED:
                 layer.action = "encrypt"
                 if not str(layer.descriptor["digest"]).startswith("sha256:"):
@@ -968,8 +1040,11 @@ def run(request: Request, reporter: Reporter) -> str:
 # --- layerinfo ------------------------------------------------------------------------------
 
 
-def _recipients(annotations: dict[str, str], kids: dict[str, str]) -> list[dict[str, Any]]:
-    """Who each keys annotation names, as far as its scheme says."""
+def _recipients(
+    annotations: dict[str, str], kids: dict[str, str], symkey: bytes | None = None
+) -> list[dict[str, Any]]:
+    """Who each keys annotation names, as far as its scheme says; with the layer's symkey,
+    whether each JWE's kids are the ones it was made with."""
     found: list[dict[str, Any]] = []
     for scheme, value in keywrap.wrapped_keys(annotations).items():
         try:
@@ -984,8 +1059,9 @@ def _recipients(annotations: dict[str, str], kids: dict[str, str]) -> list[dict[
                 except jwe.JWEFormatError:
                     found.append({"scheme": scheme, "description": "an unreadable JWE"})
                     continue
+                checked = None if symkey is None else kids_check_out(parsed, symkey)
                 for recipient in parsed.recipients:
-                    found.append(_jwe_recipient(recipient.header, kids))
+                    found.append(_jwe_recipient(recipient.header, kids, checked))
         elif scheme in keywrap.SCHEMES:
             module: keywrap.Scheme = importlib.import_module(keywrap.SCHEMES[scheme])
             found.append({"scheme": scheme, "description": module.describe(blobs)})
@@ -997,18 +1073,28 @@ def _recipients(annotations: dict[str, str], kids: dict[str, str]) -> list[dict[
     return found
 
 
-def _jwe_recipient(header: dict[str, Any], kids: dict[str, str]) -> dict[str, Any]:
+def _jwe_recipient(
+    header: dict[str, Any], kids: dict[str, str], checked: bool | None = None
+) -> dict[str, Any]:
+    """One JWE recipient as layerinfo shows it. `checked`: whether its JWE's kids passed the
+    kids-HMAC (None: not checked, no --key opens the layer); a kid that failed names nobody."""
     entry: dict[str, Any] = {"scheme": "jwe", "alg": str(header.get("alg", "?"))}
     epk = header.get("epk")
     if isinstance(epk, dict) and "crv" in epk:
         entry["curve"] = str(epk["crv"])
     kid = header.get("kid")
+    note = "(no kid)"
     if isinstance(kid, str):
         entry["kid"] = kid
-        if kid in kids:
+        entry["kidVerified"] = checked
+        if checked is False:
+            note = "(kid altered: it fails its check, or is not ctd-encoder's)"
+        elif kid in kids:
             entry["key"] = kids[kid]
-    parts = [entry["alg"], entry.get("curve", ""), f"kid {kid}" if "kid" in entry else "",
-             f"({entry['key']})" if "key" in entry else "" if "kid" in entry else "(no kid)"]
+            note = f"({entry['key']})" if checked else f"({entry['key']}, unchecked)"
+        else:
+            note = "" if checked else "(unchecked)"
+    parts = [entry["alg"], entry.get("curve", ""), f"kid {kid}" if "kid" in entry else "", note]
     entry["description"] = " ".join(p for p in parts if p)
     return entry
 
@@ -1058,20 +1144,26 @@ def _describe_layer(
         "mediaType": media_type,
         "encrypted": media_type in ENCRYPTED_TO_PLAIN,
         "schemes": list(keywrap.wrapped_keys(annotations)),
-        "recipients": _recipients(annotations, kids),
     }
+    symkey = None
     if ring.private_keys and info["encrypted"]:
-        info["openedBy"] = _opened_by(plan_, _layer_label(node, plan_), ring)
+        info["openedBy"], symkey = _opened_by(plan_, _layer_label(node, plan_), ring)
+    info["recipients"] = _recipients(annotations, kids, symkey)
     return info
 
 
-def _opened_by(plan_: LayerPlan, label: str, ring: keys.KeyRing) -> list[str]:
+def _opened_by(
+    plan_: LayerPlan, label: str, ring: keys.KeyRing
+) -> tuple[list[str], bytes | None]:
+    """The --key files that open the layer, and its symmetric key if one did."""
     opened = []
+    symkey = None
     for key in ring.private_keys:
         alone = keys.KeyRing(private_keys=[key], certificates=ring.certificates)
         try:
-            _open_options(plan_, label, alone)
+            private_json = _open_options(plan_, label, alone)
         except DecoderError:
             continue
         opened.append(key.source)
-    return opened
+        symkey = layercipher.parse_private_options(private_json).symkey
+    return opened, symkey

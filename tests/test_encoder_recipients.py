@@ -56,8 +56,13 @@ def test_adding_a_jwe_recipient_the_layer_has_adds_nothing(
     # each layer says so, and no --key is needed
     again = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
                        f"oci:{tmp_path / 'one'}", f"oci:{tmp_path / 'same'}"))
-    assert again.stdout.count(f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'}; "
-                              "unchanged") == 2
+    assert again.stdout.count(f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'} (as its "
+                              "JWE's kids claim; give --key to check them); unchanged") == 2
+    checked = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}", "--key",
+                         KEYS / "rsa2048-pkcs8.pem", f"oci:{tmp_path / 'one'}",
+                         f"oci:{tmp_path / 'checked'}"))
+    assert checked.stdout.count(f"already encrypted for jwe:{KEYS / 'rsa2048.pub.pem'}; "
+                                "unchanged") == 2
     assert Reader(tmp_path / "same").index["manifests"][0]["digest"] == (
         Reader(tmp_path / "one").index["manifests"][0]["digest"])
     Reader(tmp_path / "same").check_complete()
@@ -120,3 +125,62 @@ def test_replacing_an_image_under_its_ref_says_so(encoder: Encoder, tmp_path: Pa
     assert f"it replaces the image app was ({old})" in second.stdout
     (entry,) = Reader(tmp_path / "enc").index["manifests"]
     assert entry["digest"] != old
+
+
+def _rewrite_kids(layout: Path, change: dict[int, str]) -> None:
+    """Set the kid of JWE recipient i to change[i] in every layer of the layout's image, as
+    someone who can edit a registry's manifests (but has no key) can, and re-digest."""
+    import base64
+    import hashlib
+
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    blob = layout / "blobs" / "sha256" / entry["digest"].split(":")[1]
+    manifest = json.loads(blob.read_text())
+    for layer in manifest["layers"]:
+        body = json.loads(base64.b64decode(layer["annotations"][JWE_KEYS]))
+        for position, kid in change.items():
+            body["recipients"][position]["header"]["kid"] = kid
+        layer["annotations"][JWE_KEYS] = base64.b64encode(json.dumps(body).encode()).decode()
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    entry.update(digest=f"sha256:{digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_an_altered_kid_does_not_stop_a_recipient_being_added(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """Kids sit in unprotected headers. Someone who relabels a recipient with Bob's kid must
+    not make 'add Bob' a no-op, nor make layerinfo --key vouch for Bob."""
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               "--recipient", f"jwe:{KEYS / 'ec384.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    bob = jwk.JWK.from_pem((KEYS / "rsa2048.pub.pem").read_bytes()).thumbprint()
+    _rewrite_kids(tmp_path / "enc", {1: bob})
+    # with a key that opens the layer, the claim is checked and Bob is really added
+    added = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                       "--key", KEYS / "ec256-sec1.pem", f"oci:{tmp_path / 'enc'}",
+                       f"oci:{tmp_path / 'bob'}"))
+    assert f"added jwe:{KEYS / 'rsa2048.pub.pem'}" in added.stdout
+    ok(encoder("decrypt", "--key", KEYS / "rsa2048-pkcs8.pem", f"oci:{tmp_path / 'bob'}",
+               f"oci:{tmp_path / 'plain'}"))
+    info = json.loads(ok(encoder("layerinfo", "--json", "--key", KEYS / "ec256-sec1.pem",
+                                 "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+                                 f"oci:{tmp_path / 'enc'}")).stdout)
+    (layer,) = info["manifests"][0]["layers"]
+    by_kid = {r["kid"]: r for r in layer["recipients"]}
+    assert by_kid[bob]["kidVerified"] is False and "key" not in by_kid[bob]
+    ec256 = jwk.JWK.from_pem((KEYS / "ec256.pub.pem").read_bytes()).thumbprint()
+    assert by_kid[ec256]["kidVerified"] is False, "one altered kid taints its whole JWE"
+    after = json.loads(ok(encoder("layerinfo", "--json", "--key", KEYS / "rsa2048-pkcs8.pem",
+                                  f"oci:{tmp_path / 'bob'}")).stdout)
+    entries = after["manifests"][0]["layers"][0]["recipients"]
+    assert [r["kidVerified"] for r in entries if r.get("kid") == bob] == [False, True]
+    text = ok(encoder("layerinfo", "--key", KEYS / "rsa2048-pkcs8.pem",
+                      f"oci:{tmp_path / 'bob'}")).stdout
+    assert text.count("kid altered: it fails its check") == 2, text
+    unchecked = ok(encoder("layerinfo", f"oci:{tmp_path / 'bob'}")).stdout
+    assert "(unchecked)" in unchecked and "kid altered" not in unchecked

@@ -391,12 +391,16 @@ def _wrap_cek(cek: bytes, public_key: Any, alg: str) -> tuple[dict[str, Any], by
     return {"alg": alg, "epk": public_jwk(ephemeral.public_key())}, aes_key_wrap(kek, cek)
 
 
-def wrap(plaintext: bytes, recipients: list[tuple[Any, str | None]]) -> bytes:
+def wrap(
+    plaintext: bytes, recipients: list[tuple[Any, str | None]],
+    extra_protected: dict[str, str] | None = None,
+) -> bytes:
     """Encrypt `plaintext` (private options JSON) as one JWE for all recipients, the way
     go-jose serializes it for ocicrypt: flattened JSON with every header protected for one
     recipient, general JSON with per-recipient headers for several; content A256GCM. Each
     recipient is (public key, key algorithm or None for ocicrypt's default) and gets its
-    RFC 7638 thumbprint as `kid`, which go-jose ignores when decrypting."""
+    RFC 7638 thumbprint as `kid`, which go-jose ignores when decrypting. `extra_protected`
+    joins the protected header (go-jose ignores parameters it does not know)."""
     import os
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -414,6 +418,7 @@ def wrap(plaintext: bytes, recipients: list[tuple[Any, str | None]]) -> bytes:
         protected = {**wrapped[0][0], "enc": "A256GCM"}
     else:
         protected = {"enc": "A256GCM"}
+    protected.update(extra_protected or {})
     protected_b64 = _b64url_encode(json.dumps(protected, separators=(",", ":")).encode())
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected_b64.encode("ascii"))
     body: dict[str, Any] = {"protected": protected_b64}
