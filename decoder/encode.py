@@ -1099,6 +1099,28 @@ def _jwe_recipient(
     return entry
 
 
+def layer_descriptor(
+    source: Location, platforms: list[Platform], index: int
+) -> tuple[dict[str, Any], str, str]:
+    """One layer's descriptor, its label, and where its blob is: (descriptor, label, blob)."""
+    import os
+
+    layout = Layout(source)
+    root = load_tree(layout, layout.find_image(source.ref))
+    select(root, platforms, [index], source)
+    manifests = [m for m in root.manifests() if m.selected]
+    if len(manifests) != 1:
+        have = ", ".join(sorted(m.label for m in manifests))
+        raise UsageError(f"{source} has several platforms ({have}); pick one with --platform")
+    (manifest,) = manifests
+    plan_ = manifest.layers[index % len(manifest.layers)]
+    digest = str(plan_.descriptor["digest"])
+    name = ocilayout.blob_name(digest)
+    blob = (os.path.join(source.path, name) if source.transport == "oci"
+            else f"{name} inside the archive {source.path}")
+    return dict(plan_.descriptor), _layer_label(manifest, plan_), blob
+
+
 def layer_info(
     source: Location, ring: keys.KeyRing, platforms: list[Platform],
     known: tuple[Recipient, ...] = (),

@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "we encrypt carry each recipient key's thumbprint as kid")
     info.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
                       help="only these platforms")
+    payload = commands.add_parser(
+        "payload", help="write the fd-3 payload containerd would give ctd-decoder for a layer",
+        description="Write the payload (a protobuf Any holding the layer's descriptor) that "
+        "containerd passes ctd-decoder on fd 3, so that the decoder can be run by hand: "
+        "ctd-decoder --decryption-keys-path DIR < BLOB 3< PAYLOAD > LAYER. The layer's blob "
+        "is named on stderr.",
+    )
+    payload.add_argument("source", metavar="SRC")
+    payload.add_argument("--layer", type=int, required=True, metavar="N", help=LAYER_HELP)
+    payload.add_argument("--platform", action="append", default=[],
+                         metavar="OS/ARCH[/VARIANT]", help="the platform, when SRC has several")
+    payload.add_argument("--output", "-o", metavar="FILE",
+                         help="write it to FILE (default: stdout, unless it is a terminal)")
     return parser
 
 
@@ -203,8 +216,10 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     from decoder import encode, ocilayout
 
     args = build_parser().parse_args(argv)
-    ring = encode.load_keys(args.key)
     platforms = tuple(encode.parse_platform(p) for p in args.platform)
+    if args.command == "payload":
+        return _write_payload(args, platforms)
+    ring = encode.load_keys(args.key)
     if args.command == "layerinfo":
         known = encode.parse_recipients(args.recipient)
         if any(r.scheme != "jwe" for r in known):
@@ -233,6 +248,30 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
         reporter.warn(f"{signal.Signals(number).name} came while {destination} was being "
                       "saved, too late to stop it: the image was written in full")
     ocilayout.LATE_SIGNALS.clear()
+    return 0
+
+
+def _write_payload(args: argparse.Namespace, platforms: tuple[Any, ...]) -> int:
+    from decoder import encode, ocilayout
+    from decoder.payload import encode_payload
+
+    source = ocilayout.parse_location(args.source)
+    descriptor, label, blob = encode.layer_descriptor(source, list(platforms), args.layer)
+    data = encode_payload(descriptor)
+    if args.output is None:
+        if sys.stdout.isatty():
+            raise UsageError("the payload is binary: redirect stdout to a file, or give -o FILE")
+        sys.stdout.flush()
+        out = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+    else:
+        try:
+            with open(args.output, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
+    sys.stderr.write(f"{label}: {descriptor.get('mediaType')}, blob {blob}\n")
     return 0
 
 

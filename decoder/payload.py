@@ -26,7 +26,7 @@ NO_PAYLOAD_HELP = (
     "needs use_local_image_pull = true) or when nerdctl or ctr-enc unpack; plain `ctr` "
     "pulls and imports, and processor ids other than io.containerd.ocicrypt.decoder.v1.tar "
     "and ...v1.tar.gzip, pass none (see /opt/ctd-decoder/config/README.md, config/ in the "
-    "source)"
+    "source). To run it by hand, `ctd-encoder payload` writes a layer's payload for 3< FILE"
 )
 
 
@@ -86,6 +86,26 @@ def read_payload_fd(fd: int = PAYLOAD_FD) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def encode_payload(descriptor: dict[str, object]) -> bytes:
+    """The fd-3 payload containerd would pass for a layer descriptor with no decryption
+    parameters (the node key model), for running the decoder by hand (ctd-encoder payload)."""
+    import json
+
+    body = json.dumps({"DecryptConfig": {"Parameters": None}, "Descriptor": descriptor},
+                      separators=(",", ":")).encode()
+    url = PAYLOAD_TYPE_URL.encode()
+    return b"\x0a" + _encode_varint(len(url)) + url + b"\x12" + _encode_varint(len(body)) + body
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from jwcrypto import jwk
 from decoder import encode_cli, keywrap, layercipher
 from decoder.keys import load_keyring
 from decoder.keywrap import jwe
+from decoder.payload import parse_payload
 from tests.layouts import (
     DOCKER_MANIFEST,
     GZIP,
@@ -849,6 +850,39 @@ def test_key_passwords_from_a_pipe_a_crlf_file_and_beside_the_key(
     (tmp_path / "long.pem.password").write_text("wrong\n")
     refused(encoder("layerinfo", "--key", private, f"oci:{tmp_path / 'enc'}"),
             "password is wrong")
+
+
+def test_payload_runs_the_decoder_by_hand(encoder: Encoder, tmp_path: Path) -> None:
+    """`ctd-encoder payload` writes what containerd puts on fd 3, and names the blob: with
+    both, ctd-decoder decrypts the layer as in a pull."""
+    layers = random_layers(2)
+    simple_image(tmp_path / "src", layers)
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    result = ok(encoder("payload", "--layer", "-1", "-o", tmp_path / "layer.payload",
+                        f"oci:{tmp_path / 'enc'}"))
+    top = Reader(tmp_path / "enc").manifest()["layers"][1]
+    blob = tmp_path / "enc" / "blobs" / "sha256" / top["digest"].split(":")[1]
+    assert result.stderr == (f"layer 1 of linux/amd64 ({top['digest']}): {GZIP}+encrypted, "
+                             f"blob {blob}\n")
+    payload = (tmp_path / "layer.payload").read_bytes()
+    parsed = parse_payload(payload)
+    assert parsed.parameters == {}
+    assert parsed.descriptor == (top["mediaType"], top["digest"], top["size"],
+                                 top["annotations"])
+    decrypted = run_decoder(blob.read_bytes(), payload, ["--decryption-keys-path",
+                                                         str(key_dir(tmp_path, "ec256-sec1.pem"))])
+    assert decrypted.returncode == 0, decrypted.stderr
+    assert decrypted.stdout == layers[1].data
+
+
+def test_payload_needs_one_platform(encoder: Encoder, tmp_path: Path) -> None:
+    two_platform_image(tmp_path / "src")
+    refused(encoder("payload", "--layer", "0", "-o", tmp_path / "p", f"oci:{tmp_path / 'src'}"),
+            "has several platforms (linux/amd64, linux/arm64); pick one with --platform")
+    assert not (tmp_path / "p").exists()
+    ok(encoder("payload", "--layer", "0", "--platform", "linux/arm64", "-o", tmp_path / "p",
+               f"oci:{tmp_path / 'src'}"))
 
 
 # --- layerinfo ----------------------------------------------------------------------------
