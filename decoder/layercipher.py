@@ -243,22 +243,28 @@ class LayerDecryptor:
         accept_digest_mismatch, a digest mismatch after a good HMAC is returned as a warning.
         Ends the stream."""
         mac, digest = self._finish()
-        return verify(self._params, mac, digest, accept_digest_mismatch)
+        return verify(self._params, mac, digest, accept_digest_mismatch,
+                      NOTHING_WRITTEN)
+
+
+WITHHELD = "the end of the plaintext was withheld"
+NOTHING_WRITTEN = "nothing was written"
 
 
 def verify(
-    params: CipherParameters, mac: bytes, digest: bytes, accept_digest_mismatch: bool = False
+    params: CipherParameters, mac: bytes, digest: bytes, accept_digest_mismatch: bool = False,
+    withheld: str = WITHHELD,
 ) -> str | None:
     """Check a computed HMAC and plaintext digest against the layer's: raise IntegrityError,
-    or return a warning when a digest mismatch after a good HMAC is accepted."""
+    or return a warning when a digest mismatch after a good HMAC is accepted. `withheld` says
+    what became of the plaintext, for the error."""
     # Neither the computed HMAC nor the digests are shown: the HMAC of chosen ciphertext
     # under the layer key would let its sender forge a layer, and the plaintext digest is
     # part of the wrapped, confidential options.
     if not same_bytes(mac, params.expected_hmac):
         raise IntegrityError(
             "the layer failed its HMAC check (tampered, truncated or not this layer's "
-            f"ciphertext; expected HMAC {params.expected_hmac.hex()}); "
-            "the end of the plaintext was withheld"
+            f"ciphertext; expected HMAC {params.expected_hmac.hex()}); {withheld}"
         )
     if same_bytes(digest, params.expected_digest):
         return None
@@ -269,7 +275,7 @@ def verify(
     if accept_digest_mismatch:
         return f"{mismatch}; accepted because the HMAC verified (--accept-digest-mismatch)"
     raise IntegrityError(
-        f"{mismatch}; the end of the plaintext was withheld. The HMAC verified, so the "
+        f"{mismatch}; {withheld}. The HMAC verified, so the "
         "ciphertext is what its producer encrypted: skopeo records the source blob's digest "
         "when it recompresses a layer while encrypting (uncompressed or docker-archive "
         "sources, --dest-compress-format). Re-encrypt without recompressing, or start "
@@ -476,6 +482,7 @@ def decrypt_stream(
     whole: memoryview | None = None  # the layer held in memory, when it is small
     if spool_fd is None and expected_size is not None and expected_size <= FULL_HOLD:
         whole = memoryview(bytearray(expected_size + 16))
+    withheld = WITHHELD if whole is None and spool_fd is None else NOTHING_WRITTEN
     slots: list[memoryview] = []  # grown to RING buffers only as the layer needs them
     pending: deque[memoryview] = deque()  # decrypted, not yet released, in order
     decrypted = emitted = chunks = 0
@@ -497,7 +504,7 @@ def decrypt_stream(
             if expected_size is not None and decrypted + filled > expected_size:
                 raise IntegrityError(
                     f"stdin carries more than the {expected_size} bytes the layer's descriptor "
-                    "gives; the end of the plaintext was withheld"
+                    f"gives; {withheld}"
                 )
             mac.update(buffer[:filled])  # encrypt-then-MAC: over the ciphertext, before
             plaintext = buffer[: ctr.update_into(buffer[:filled], buffer)]  # in place
@@ -531,9 +538,10 @@ def decrypt_stream(
     if expected_size is not None and expected_size != decrypted:
         raise IntegrityError(
             f"stdin ended after {decrypted} bytes but the layer's descriptor gives "
-            f"{expected_size}; the end of the plaintext was withheld"
+            f"{expected_size}; {withheld}"
         )
-    warning = verify(params, mac.finalize(), digest_hash.finalize(), accept_digest_mismatch)
+    warning = verify(params, mac.finalize(), digest_hash.finalize(), accept_digest_mismatch,
+                     withheld)
     if spool_fd is not None:
         _copy_spool(spool_fd, out_fd, decrypted)
     if whole is not None:

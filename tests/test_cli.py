@@ -252,7 +252,7 @@ def test_tampered_small_layer_writes_nothing(damage: str, tmp_path: Path) -> Non
     """Up to FULL_HOLD the whole layer waits for both checks: not one byte gets out."""
     plaintext = tar_gz_layer(400_000)
     result = damaged_run(tmp_path, plaintext, damage)
-    assert_failed(result, "HMAC check", plaintext=plaintext)
+    assert_failed(result, "HMAC check", "; nothing was written", plaintext=plaintext)
     assert result.stdout == b""  # type: ignore[attr-defined]
 
 
@@ -261,7 +261,8 @@ def test_tampered_layer_is_not_a_complete_stream(damage: str, tmp_path: Path) ->
     """Above FULL_HOLD a prefix goes out, cut inside a tar block and before the gzip trailer."""
     plaintext = tar_gz_layer(layercipher.FULL_HOLD + 400_000)
     result = damaged_run(tmp_path, plaintext, damage)
-    assert_failed(result, "HMAC check", plaintext=plaintext)
+    assert_failed(result, "HMAC check", "the end of the plaintext was withheld",
+                  plaintext=plaintext)
     stdout = result.stdout  # type: ignore[attr-defined]
     assert len(stdout) % 512 == 1
     with pytest.raises((EOFError, OSError)):

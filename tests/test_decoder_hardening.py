@@ -46,10 +46,11 @@ def test_spool_dir_writes_nothing_until_a_large_layer_verifies(tmp_path: Path) -
     flipped[len(flipped) // 2] ^= 1
     bad = run_decoder(bytes(flipped), payload_bytes(descriptor),
                       [*args, f"--spool-dir={spool}"])
-    assert_failed(bad, "HMAC check", plaintext=plaintext)
+    assert_failed(bad, "HMAC check", "; nothing was written", plaintext=plaintext)
     assert bad.stdout == b"", "with a spool file nothing goes out before the checks"
     without = run_decoder(bytes(flipped), payload_bytes(descriptor), args)
-    assert_failed(without, "HMAC check", plaintext=plaintext)
+    assert_failed(without, "HMAC check", "the end of the plaintext was withheld",
+                  plaintext=plaintext)
     assert len(without.stdout) > layercipher.FULL_HOLD, "without one, a prefix streams out"
     assert list(spool.iterdir()) == [], "the spool file leaves nothing behind"
 
