@@ -103,7 +103,9 @@ def demo(decoder: Path, keep: bool) -> None:
                    f"node keys:    {node.keys_dir}/{key.key_file}\n"
                    "stream processors in the config, from config/containerd-1.x.toml with\n"
                    "this node's decoder and key directory (zstd layers go to the tar.gzip id;\n"
-                   "tar.gzip and tar are the only ids containerd hands the decryption payload to):")
+                   "tar.gzip and tar are the only ids containerd hands the decryption payload to;\n"
+                   "keys-extra is a second, empty key directory and sysroot stands in for / in\n"
+                   "this private node, both from the test harness):")
         say.detail(textwrap.indent(stream_processor_section(node.config_text()), "  "))
 
         say.step("Pull the image through CRI (runtime.v1.ImageService/PullImage), as the kubelet.")
