@@ -285,6 +285,8 @@ def parse_key_argument(text: str) -> tuple[str, bytes | None]:
     path, _, secret = text.partition(":")
     if secret.startswith("pass="):
         return path, secret[len("pass=") :].encode()
+    if secret == "file=":  # noqa: S105 (the option's form, not a password)
+        raise UsageError(f"--key {path}:file= names no password file")
     if secret.startswith("file="):
         return path, keys.strip_newline(_read_small_file(secret[len("file=") :], "password file"))
     if secret.startswith("fd="):
@@ -307,8 +309,14 @@ def _read_password_fd(path: str, secret: str) -> bytes:
             if len(data) > MAX_PASSWORD_BYTES + 1:
                 raise UsageError(f"--key {path}: the password on {secret} is over "
                                  f"{MAX_PASSWORD_BYTES} bytes")
-    except (ValueError, OverflowError, OSError) as e:
-        raise UsageError(f"--key {path}: cannot read its password from {secret}") from e
+    except (ValueError, OverflowError) as e:
+        raise UsageError(
+            f"--key {path}:{secret}: N must be the number of an open file descriptor"
+        ) from e
+    except OSError as e:
+        raise UsageError(
+            f"--key {path}: cannot read its password from {secret}: {e.strerror}"
+        ) from e
     line, newline, _ = data.partition(b"\n")
     return line + newline
 
@@ -318,17 +326,24 @@ def load_keys(arguments: list[str]) -> keys.KeyRing:
     import os
 
     files = []
+    password_files: dict[str, str] = {}
     for argument in arguments:
         path, password = parse_key_argument(argument)
-        beside = path + keys.PASSWORD_SUFFIX
-        if password is None and os.path.isfile(beside):  # as in the decoder's key directories
-            password = keys.strip_newline(_read_small_file(beside, "password file"))
-        files.append((path, _read_small_file(path, "key file"), password))
+        data = _read_small_file(path, "key file")
+        if password is None:  # as in the decoder's key directories: beside the link or the key
+            beside = dict.fromkeys(p + keys.PASSWORD_SUFFIX for p in (path, os.path.realpath(path)))
+            for candidate in (p for p in beside if os.path.isfile(p)):
+                tried = keys.strip_newline(_read_small_file(candidate, "password file"))
+                if password is None or not keys.load_key_files([(path, data, tried)]).skipped:
+                    password, password_files[path] = tried, candidate
+        files.append((path, data, password))
     ring = keys.load_key_files(files)
     if ring.skipped:
         source, reason = ring.skipped[0]
         hint = ""
-        if "public" in reason:
+        if reason == keys.WRONG_PASSWORD and source in password_files:
+            hint = f" (from {password_files[source]})"
+        elif "public" in reason:
             hint = (" (a public key names recipients: encrypt --recipient jwe:FILE, layerinfo "
                     "--recipient jwe:FILE)")
         elif reason == keys.NO_PASSWORD:
@@ -999,7 +1014,8 @@ def run(request: Request, reporter: Reporter) -> str:
     present = [(m, p) for m in root.manifests() if m.selected for p in m.layers
                if p.reason.startswith(ALREADY_WRAPPED)]
     if not changes and not present:
-        kept = {p.reason for m in root.manifests() for p in m.layers if m.selected and p.reason}
+        kept = {p.reason for m in root.manifests() for p in m.layers
+                if m.selected and p.reason and p.reason != "not encrypted"}
         what = "encrypted" if request.command == "decrypt" else "a layer that can be encrypted"
         raise UsageError(
             f"nothing to {request.command}: no selected layer of {request.source} is {what}"
@@ -1114,6 +1130,9 @@ def layer_descriptor(
         raise UsageError(f"{source} has several platforms ({have}); pick one with --platform")
     (manifest,) = manifests
     plan_ = manifest.layers[index % len(manifest.layers)]
+    if plan_.descriptor.get("mediaType") not in ENCRYPTED_TO_PLAIN:
+        raise UsageError(f"{_layer_label(manifest, plan_)} is not encrypted "
+                         f"({plan_.descriptor.get('mediaType')}): ctd-decoder would refuse it")
     digest = str(plan_.descriptor["digest"])
     name = ocilayout.blob_name(digest)
     blob = (os.path.join(source.path, name) if source.transport == "oci"

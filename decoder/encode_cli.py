@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is named on stderr.",
     )
     payload.add_argument("source", metavar="SRC")
-    payload.add_argument("--layer", type=int, required=True, metavar="N", help=LAYER_HELP)
+    payload.add_argument("--layer", type=int, required=True, metavar="N",
+                         help="the layer, by index (negative counts from the top: -1 is the "
+                         "topmost)")
     payload.add_argument("--platform", action="append", default=[],
                          metavar="OS/ARCH[/VARIANT]", help="the platform, when SRC has several")
     payload.add_argument("--output", "-o", metavar="FILE",

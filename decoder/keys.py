@@ -15,6 +15,7 @@ and certificates are loaded here too.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import re
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 PASSWORD_SUFFIX = ".password"  # noqa: S105 (a file-name suffix)
 NO_PASSWORD = "encrypted private key and no password for it"  # noqa: S105 (a reason)
+WRONG_PASSWORD = "encrypted private key and its password is wrong"  # noqa: S105 (a reason)
 MAX_KEY_FILE_BYTES = 1024 * 1024
 MAX_DIRECTORY_ENTRIES = 4096
 MAX_DIRECTORY_DEPTH = 16
@@ -138,14 +140,16 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
     for entry, real in entries.items():
         names.setdefault(real, []).append(entry)
 
-    def beside(item: _Found) -> _Found | None:
-        """The password file beside any name of the key (a link's own name included)."""
+    def beside(item: _Found) -> list[_Found]:
+        """The password files beside the key's names (a link's own name included)."""
+        files: list[_Found] = []
         for name in names.get(item.real, [item.real]):
             real = entries.get(name + PASSWORD_SUFFIX)
-            if real is not None and real in found:
-                return found[real]
-        return None
+            if real is not None and real in found and found[real] not in files:
+                files.append(found[real])
+        return files
 
+    skipped_names = {source for source, _ in ring.skipped}
     for item in found.values():
         if any(name.endswith(PASSWORD_SUFFIX) and name[: -len(PASSWORD_SUFFIX)] in entries
                for name in names.get(item.real, [item.real])):
@@ -153,21 +157,30 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
         data = _read_file(item, ring)
         if data is None:
             continue
-        password: bytes | None = None
-        password_item = beside(item)
-        if password_item is not None:
+        passwords: list[tuple[bytes | None, str]] = []
+        for password_item in beside(item):
             raw = _read_file(password_item, ring)
             if raw is not None:
-                password = strip_newline(raw)
+                passwords.append((strip_newline(raw), password_item.display))
         skipped_before = len(ring.skipped)
-        _classify(data, password, item.display, ring)
+        for password, _ in passwords or [(None, "")]:  # a link and its key may each have one
+            del ring.skipped[skipped_before:]
+            _classify(data, password, item.display, ring)
+            if len(ring.skipped) == skipped_before:
+                break
         if len(ring.skipped) == skipped_before:
             continue
+        reason = ring.skipped[-1][1]
         if item.real.endswith(PASSWORD_SUFFIX):
-            ring.skipped[-1] = (item.display, "password file with no key file beside it")
-        elif ring.skipped[-1][1] == NO_PASSWORD:
+            key_name = item.display[: -len(PASSWORD_SUFFIX)]
+            reason = (f"password file of {key_name}, which was skipped" if key_name in
+                      skipped_names else "password file with no key file beside it")
+        elif reason == NO_PASSWORD:
             name = os.path.basename(item.display) + PASSWORD_SUFFIX
-            ring.skipped[-1] = (item.display, f"{NO_PASSWORD} (put it in {name} beside it)")
+            reason = f"{NO_PASSWORD} (put it in {name} beside it)"
+        elif reason == WRONG_PASSWORD:
+            reason = f"{WRONG_PASSWORD} (from {' and '.join(shown for _, shown in passwords)})"
+        ring.skipped[-1] = (item.display, reason)
 
 
 class _Frame:
@@ -208,6 +221,12 @@ def _walk(
             if stat.S_ISLNK(st.st_mode):
                 real = os.path.realpath(path)
                 if not os.path.exists(real):
+                    try:
+                        os.stat(path)
+                    except OSError as e:
+                        if e.errno == errno.ELOOP:
+                            ring.skip_with_warning(display, "link loops (it never reaches a file)")
+                            continue
                     ring.skip(display, "dangling link (its target does not exist)")
                     continue
                 if os.path.commonpath([root_real, real]) != root_real:
@@ -516,7 +535,7 @@ def _load_private(loader: Any, password: bytes | None) -> Any:
         return f"unusable private key ({text})"
     except ValueError as e:
         if password is not None and ("decrypt" in str(e).lower() or "password" in str(e).lower()):
-            return "encrypted private key and its password is wrong"
+            return WRONG_PASSWORD
         return "malformed or unsupported private key"
     except Exception as e:  # cryptography raises UnsupportedAlgorithm for exotic keys
         return f"unsupported private key ({type(e).__name__})"

@@ -163,7 +163,10 @@ def parse_payload(data: bytes) -> Payload:
             "the payload on fd 3 is empty (the caller opened fd 3 but wrote nothing); "
             + NO_PAYLOAD_HELP
         )
-    type_url, value = parse_any(data)
+    try:
+        type_url, value = parse_any(data)
+    except PayloadError as e:
+        raise PayloadError(f"{e}; by hand, give it what `ctd-encoder payload` writes") from e
     if type_url != PAYLOAD_TYPE_URL:
         shown = f"type URL {type_url!r}" if type_url else "no type URL"
         raise PayloadError(f"the payload on fd 3 has {shown}, expected {PAYLOAD_TYPE_URL!r}")

@@ -793,7 +793,8 @@ def test_decrypt_with_the_wrong_key(encoder: Encoder, tmp_path: Path) -> None:
 def test_nothing_to_do_is_an_error(encoder: Encoder, tmp_path: Path) -> None:
     simple_image(tmp_path / "src", random_layers(1))
     refused(encoder("decrypt", "--key", KEYS / "rsa2048-pkcs8.pem", f"oci:{tmp_path / 'src'}",
-                    f"oci:{tmp_path / 'dst'}"), "nothing to decrypt", "not encrypted")
+                    f"oci:{tmp_path / 'dst'}"), "nothing to decrypt: no selected layer of oci:",
+            " is encrypted; nothing was written")
     foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
     simple_image(tmp_path / "foreign", [Layer(b"x", foreign)])
     refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
@@ -852,6 +853,27 @@ def test_key_passwords_from_a_pipe_a_crlf_file_and_beside_the_key(
             "password is wrong")
 
 
+def test_key_password_beside_a_link_s_target_and_a_wrong_one_named(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+    (tmp_path / "vault").mkdir()
+    target = tmp_path / "vault" / "key.pem"
+    target.write_bytes((KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes())
+    (tmp_path / "vault" / "key.pem.password").write_text("s3cret\n")
+    link = tmp_path / "link.pem"
+    link.symlink_to(target)
+    ok(encoder("layerinfo", "--key", link, f"oci:{tmp_path / 'enc'}"))
+    (tmp_path / "link.pem.password").write_text("nope\n")  # a wrong one beside the link
+    ok(encoder("layerinfo", "--key", link, f"oci:{tmp_path / 'enc'}"))
+    (tmp_path / "vault" / "key.pem.password").write_text("nope either\n")
+    refused(encoder("layerinfo", "--key", link, f"oci:{tmp_path / 'enc'}"),
+            f"--key {link}: encrypted private key and its password is wrong (from "
+            f"{tmp_path / 'link.pem.password'})")
+
+
 def test_payload_runs_the_decoder_by_hand(encoder: Encoder, tmp_path: Path) -> None:
     """`ctd-encoder payload` writes what containerd puts on fd 3, and names the blob: with
     both, ctd-decoder decrypts the layer as in a pull."""
@@ -881,8 +903,14 @@ def test_payload_needs_one_platform(encoder: Encoder, tmp_path: Path) -> None:
     refused(encoder("payload", "--layer", "0", "-o", tmp_path / "p", f"oci:{tmp_path / 'src'}"),
             "has several platforms (linux/amd64, linux/arm64); pick one with --platform")
     assert not (tmp_path / "p").exists()
+    refused(encoder("payload", "--layer", "0", "--platform", "linux/arm64", "-o", tmp_path / "p",
+                    f"oci:{tmp_path / 'src'}"),
+            "layer 0 of linux/arm64", f"is not encrypted ({GZIP}): ctd-decoder would refuse it")
+    assert not (tmp_path / "p").exists()
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
     ok(encoder("payload", "--layer", "0", "--platform", "linux/arm64", "-o", tmp_path / "p",
-               f"oci:{tmp_path / 'src'}"))
+               f"oci:{tmp_path / 'enc'}"))
 
 
 # --- layerinfo ----------------------------------------------------------------------------

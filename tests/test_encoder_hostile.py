@@ -345,11 +345,20 @@ def test_recipient_key_of_an_unsupported_type(
     assert tree_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("fd", ["99999999999999999999", "-1", "x"])
-def test_key_password_fd_out_of_range(encoder: Encoder, tmp_path: Path, fd: str) -> None:
+@pytest.mark.parametrize(("fd", "says"), [
+    ("99999999999999999999", ":fd={fd}: N must be the number of an open file descriptor"),
+    ("x", ":fd={fd}: N must be the number of an open file descriptor"),
+    ("-1", ": cannot read its password from fd={fd}: Bad file descriptor"),
+    ("", ":fd={fd}: N must be the number of an open file descriptor"),
+])
+def test_key_password_fd_out_of_range(
+    encoder: Encoder, tmp_path: Path, fd: str, says: str
+) -> None:
     simple_image(tmp_path / "src", random_layers(1))
     refused(encoder("layerinfo", "--key", f"{PRIV}x:fd={fd}", f"oci:{tmp_path / 'src'}"),
-            f"cannot read its password from fd={fd}")
+            f"--key {PRIV}x" + says.format(fd=fd))
+    refused(encoder("layerinfo", "--key", f"{PRIV}x:file=", f"oci:{tmp_path / 'src'}"),
+            f"--key {PRIV}x:file= names no password file")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")

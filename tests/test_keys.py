@@ -122,6 +122,55 @@ def test_a_password_beside_a_link_to_the_key(tmp_path: Path) -> None:
     assert ring.skipped == []
 
 
+@pytest.mark.parametrize("right_beside", ["link", "key"])
+def test_a_link_and_its_key_each_with_a_password_file(right_beside: str, tmp_path: Path) -> None:
+    """Whichever name sorts first, the right password is found; a wrong one names its file."""
+    (tmp_path / "z-real").mkdir()
+    (tmp_path / "z-real" / "key.pem").write_bytes(
+        (KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes())
+    (tmp_path / "link.pem").symlink_to("z-real/key.pem")
+    right, wrong = ("link.pem.password", "z-real/key.pem.password")[:: 1 if right_beside ==
+                                                                      "link" else -1]
+    (tmp_path / right).write_bytes(b"s3cret\n")
+    (tmp_path / wrong).write_bytes(b"nope\n")
+    ring = load_keyring([str(tmp_path)], {})
+    assert [k.description for k in ring.private_keys] == ["RSA 2048"]
+    (tmp_path / right).write_bytes(b"also wrong\n")
+    ring = load_keyring([str(tmp_path)], {})
+    assert ring.private_keys == []
+    ((source, reason),) = ring.skipped
+    assert source == str(tmp_path / "link.pem")
+    assert reason.startswith("encrypted private key and its password is wrong (from ")
+    assert str(tmp_path / "link.pem.password") in reason
+    assert str(tmp_path / "z-real" / "key.pem.password") in reason
+
+
+def test_file_link_loops_are_named_and_warned_about(tmp_path: Path) -> None:
+    (tmp_path / "loop.pem").symlink_to("loop.pem")
+    (tmp_path / "a.pem").symlink_to("b.pem")
+    (tmp_path / "b.pem").symlink_to("a.pem")
+    (tmp_path / "gone.pem").symlink_to("nowhere.pem")
+    ring = load_keyring([str(tmp_path)], {})
+    reasons = dict(ring.skipped)
+    assert reasons[str(tmp_path / "loop.pem")] == "link loops (it never reaches a file)"
+    assert reasons[str(tmp_path / "a.pem")] == "link loops (it never reaches a file)"
+    assert reasons[str(tmp_path / "gone.pem")] == "dangling link (its target does not exist)"
+    assert sum("link loops" in w for w in ring.warnings) == 3
+
+
+def test_the_password_of_a_link_that_was_skipped_says_so(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "key.pem").write_bytes((KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes())
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "mykey.pem").symlink_to(outside / "key.pem")
+    (keys / "mykey.pem.password").write_bytes(b"s3cret")
+    ring = load_keyring([str(keys)], {})
+    assert dict(ring.skipped)[str(keys / "mykey.pem.password")] == (
+        f"password file of {keys / 'mykey.pem'}, which was skipped")
+
+
 def test_orphan_password_file_and_password_for_plain_key(tmp_path: Path) -> None:
     (tmp_path / "a.pem").write_bytes((KEYS / "rsa2048-pkcs1.pem").read_bytes())
     (tmp_path / "a.pem.password").write_bytes(b"unused")
