@@ -169,21 +169,22 @@ def parse_recipients(specs: list[str], reporter: Reporter | None = None) -> tupl
 
 # A JWE's per-recipient headers, kids included, are not authenticated: anyone who can change
 # the manifest can change them. Our JWEs carry, in their protected header, an HMAC of their
-# list of kids under a key derived from the layer's symmetric key, so whoever can open the
-# layer can tell the kids we wrote from altered ones (and nobody else can forge them).
+# recipients (headers and wrapped keys) under a key derived from the layer's symmetric key,
+# so whoever can open the layer can tell the recipients we wrote from altered ones; only
+# holders of the layer key (its recipients) can make one.
 KIDS_MAC_HEADER = "urn:pyimgcrypt:kids-hmac"
 _KIDS_MAC_INFO = b"pyimgcrypt: the kids of one JWE's recipients, v1"
 
 
-def kids_mac(symkey: bytes, kids: list[str]) -> str:
-    """base64url HMAC-SHA256 of a JWE's kids (as a JSON array, in recipient order)."""
+def kids_mac(symkey: bytes, binding: bytes) -> str:
+    """base64url HMAC-SHA256 of a JWE's recipients (jwe.recipients_binding)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives import hmac as crypto_hmac
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     key = HKDF(hashes.SHA256(), 32, salt=None, info=_KIDS_MAC_INFO).derive(symkey)
     mac = crypto_hmac.HMAC(key, hashes.SHA256())
-    mac.update(json.dumps(kids, separators=(",", ":")).encode())
+    mac.update(binding)
     return base64.urlsafe_b64encode(mac.finalize()).rstrip(b"=").decode("ascii")
 
 
@@ -208,15 +209,15 @@ def verified_kids(annotations: dict[str, str], symkey: bytes) -> set[str]:
 
 
 def kids_check_out(parsed: jwe.JWE, symkey: bytes) -> bool:
-    """Whether one JWE's kids are those its kids-HMAC was made over (and it has one)."""
+    """Whether one JWE's recipients (headers, kids included, and wrapped keys) are those its
+    kids-HMAC was made over (and it has one)."""
     import hmac
 
-    kids = [r.header.get("kid") for r in parsed.recipients]
-    named = [k for k in kids if isinstance(k, str)]
     claimed = parsed.recipients[0].header.get(KIDS_MAC_HEADER)
-    if not isinstance(claimed, str) or len(named) != len(kids):
+    if not isinstance(claimed, str) or not claimed.isascii():
         return False
-    return hmac.compare_digest(claimed.encode(), kids_mac(symkey, named).encode())
+    binding = jwe.recipients_binding(parsed.recipients, exclude=KIDS_MAC_HEADER)
+    return hmac.compare_digest(claimed, kids_mac(symkey, binding))
 
 
 def already_wrapped_for(
@@ -266,9 +267,11 @@ def wrap_annotations(private_options: bytes, recipients: list[Recipient]) -> dic
             continue
         if scheme == "jwe":
             symkey = layercipher.parse_private_options(private_options).symkey
-            kids = [jwe.thumbprint(r.key) for r in group]
-            blob = jwe.wrap(private_options, [(r.key, None) for r in group],
-                            {KIDS_MAC_HEADER: kids_mac(symkey, kids)})
+
+            def kids_header(binding: bytes, key: bytes = symkey) -> dict[str, str]:
+                return {KIDS_MAC_HEADER: kids_mac(key, binding)}
+
+            blob = jwe.wrap(private_options, [(r.key, None) for r in group], kids_header)
         else:
             blob = _pkcs7().wrap(private_options, [r.key for r in group])
         annotations[KEYS_ANNOTATION_PREFIX + scheme] = base64.b64encode(blob).decode("ascii")
@@ -718,13 +721,44 @@ def _refuse_plain_copies(root: Node) -> None:
             first = encrypted.get(str(layer.descriptor["digest"]))
             if layer.action != "keep" or first is None:
                 continue
-            left_out = ("its platform is not among the --platform options" if not node.selected
-                        else "its index is not among the --layer options")
+            if not node.selected:
+                left_out, fix = ("its platform is not among the --platform options",
+                                 "select that layer too, or leave out --layer/--platform")
+            elif layer.reason:
+                left_out, fix = (f"{layer.reason}, which is never encrypted",
+                                 "leave this layer out with --layer")
+            else:
+                left_out, fix = ("its index is not among the --layer options",
+                                 "select that layer too, or leave out --layer/--platform")
             raise UsageError(
                 f"{first} is also layer {layer.index} of {node.label}, which this run would "
                 f"leave in plain ({left_out}), so the image written would still carry the "
-                "layer unencrypted; select that layer too, or leave out --layer/--platform"
+                f"layer unencrypted; {fix}"
             )
+    for digest, where in _blobs_copied_as_they_are(root):
+        if digest in encrypted:
+            raise UsageError(
+                f"{encrypted[digest]} is also {where}, which is copied as it is, so the image "
+                "written would still carry the layer unencrypted; leave this layer out with "
+                "--layer"
+            )
+
+
+def _blobs_copied_as_they_are(root: Node) -> Iterator[tuple[str, str]]:
+    """(digest, what it is) of the configs and non-manifest index entries of the image."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.kind == "other":
+            yield str(node.descriptor.get("digest")), (
+                f"an index entry of type {node.descriptor.get('mediaType')}")
+        elif node.kind == "manifest" and isinstance(node.body.get("config"), dict):
+            yield str(node.body["config"].get("digest")), f"the config of {node.label}"
+        todo.extend(node.children)
 
 
 def _open_with_context(request: Request, layer: LayerPlan, label: str) -> bytes:

@@ -365,6 +365,48 @@ def test_a_layer_shared_with_a_platform_left_out_is_refused(
                f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'all'}"))
 
 
+def test_a_layer_that_is_also_a_config_or_an_index_entry_is_refused(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    """Configs and non-manifest index entries are copied as they are: a blob among them must
+    not be a layer this run encrypts."""
+    secret = Layer(os.urandom(3000), TAR)
+    as_config = LayoutBuilder(tmp_path / "config")
+    as_config.blob(secret.data)
+    body = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.example.config.v1+json",
+                       "digest": digest(secret.data), "size": len(secret.data)},
+            "layers": [secret.descriptor()]}
+    as_config.add(as_config.json_blob(body, OCI_MANIFEST))
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    f"oci:{tmp_path / 'config'}", f"oci:{tmp_path / 'dst'}"),
+            f"({digest(secret.data)}) is also the config of the image, which is copied as it is")
+    as_entry = LayoutBuilder(tmp_path / "entry")
+    manifest = as_entry.manifest([secret], arch="amd64")
+    index = as_entry.json_blob({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {**manifest, "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": "application/octet-stream", "digest": digest(secret.data),
+         "size": len(secret.data)}]}, OCI_INDEX)
+    as_entry.add(index)
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    f"oci:{tmp_path / 'entry'}", f"oci:{tmp_path / 'dst'}"),
+            "is also an index entry of type application/octet-stream")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_layer_whose_twin_is_a_foreign_layer_says_so(encoder: Encoder, tmp_path: Path) -> None:
+    builder = LayoutBuilder(tmp_path / "src")
+    data = os.urandom(3000)
+    foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    amd64 = builder.manifest([Layer(data, TAR)], arch="amd64")
+    arm64 = builder.manifest([Layer(data, foreign)], arch="arm64")
+    builder.add(builder.index([(amd64, "linux/amd64"), (arm64, "linux/arm64")]), "multi")
+    refused(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+                    f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"),
+            "is also layer 0 of linux/arm64, which this run would leave in plain (foreign "
+            "layer, which is never encrypted)", "leave this layer out with --layer")
+
+
 def two_platform_image(root: Path) -> tuple[LayoutBuilder, dict[str, Any], dict[str, Any]]:
     builder = LayoutBuilder(root)
     amd64 = builder.manifest(random_layers(2), arch="amd64")

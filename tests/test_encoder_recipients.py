@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from jwcrypto import jwk
 
@@ -184,3 +185,77 @@ def test_an_altered_kid_does_not_stop_a_recipient_being_added(
     assert text.count("kid altered: it fails its check") == 2, text
     unchecked = ok(encoder("layerinfo", f"oci:{tmp_path / 'bob'}")).stdout
     assert "(unchecked)" in unchecked and "kid altered" not in unchecked
+
+
+def _rewrite_jwe(layout: Path, change: Any) -> None:
+    """Apply change(body) to the (general JSON) JWE of every layer and re-digest, as someone
+    who can edit manifests but holds no key can."""
+    import base64
+    import hashlib
+
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    manifest = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":")[1])
+                          .read_text())
+    for layer in manifest["layers"]:
+        value = layer["annotations"][JWE_KEYS]
+        body = json.loads(base64.b64decode(value.split(",")[0]))
+        extra = change(body)
+        blobs = [base64.b64encode(json.dumps(body).encode()).decode()]
+        if extra is not None:
+            blobs.append(base64.b64encode(json.dumps(extra).encode()).decode())
+        layer["annotations"][JWE_KEYS] = ",".join(blobs)
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    entry.update(digest=f"sha256:{digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_a_spoiled_wrapped_key_fails_the_recipients_check(encoder: Encoder, tmp_path: Path) -> None:
+    """The HMAC binds each recipient's wrapped key too: junk in Bob's entry (his kid left
+    alone) must not let 'add Bob' pass as done."""
+    import base64
+    import os
+
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+
+    def spoil(body: dict[str, Any]) -> None:
+        body["recipients"][1]["encrypted_key"] = base64.urlsafe_b64encode(
+            os.urandom(256)).rstrip(b"=").decode()
+
+    _rewrite_jwe(tmp_path / "enc", spoil)
+    added = ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'rsa2048.pub.pem'}", "--key",
+                       KEYS / "ec256-sec1.pem", f"oci:{tmp_path / 'enc'}",
+                       f"oci:{tmp_path / 'fixed'}"))
+    assert f"added jwe:{KEYS / 'rsa2048.pub.pem'}" in added.stdout
+    ok(encoder("decrypt", "--key", KEYS / "rsa2048-pkcs8.pem", f"oci:{tmp_path / 'fixed'}",
+               f"oci:{tmp_path / 'plain'}"))
+
+
+def test_a_non_ascii_recipients_mac_is_a_failed_check_not_a_crash(
+    encoder: Encoder, tmp_path: Path
+) -> None:
+    simple_image(tmp_path / "src", random_layers(1))
+    ok(encoder("encrypt", "--recipient", f"jwe:{KEYS / 'ec256.pub.pem'}",
+               "--recipient", f"jwe:{KEYS / 'ec384.pub.pem'}",
+               f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'enc'}"))
+
+    def append_one(body: dict[str, Any]) -> dict[str, Any]:
+        import base64
+
+        forged = json.loads(json.dumps(body))
+        protected = json.loads(base64.urlsafe_b64decode(forged["protected"] + "=="))
+        protected["urn:pyimgcrypt:kids-hmac"] = "\ud800"
+        forged["protected"] = base64.urlsafe_b64encode(
+            json.dumps(protected).encode()).rstrip(b"=").decode()
+        return forged
+
+    _rewrite_jwe(tmp_path / "enc", append_one)
+    info = json.loads(ok(encoder("layerinfo", "--json", "--key", KEYS / "ec256-sec1.pem",
+                                 f"oci:{tmp_path / 'enc'}")).stdout)
+    checks = [r["kidVerified"] for r in info["manifests"][0]["layers"][0]["recipients"]]
+    assert checks == [True, True, False, False]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from decoder.keys import KeyRing, PrivateKey
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 KEY_ALGORITHMS = ("RSA-OAEP", "RSA-OAEP-256", "ECDH-ES+A128KW", "ECDH-ES+A192KW", "ECDH-ES+A256KW")
 _KW_KEY_BYTES = {"ECDH-ES+A128KW": 16, "ECDH-ES+A192KW": 24, "ECDH-ES+A256KW": 32}
@@ -391,16 +394,29 @@ def _wrap_cek(cek: bytes, public_key: Any, alg: str) -> tuple[dict[str, Any], by
     return {"alg": alg, "epk": public_jwk(ephemeral.public_key())}, aes_key_wrap(kek, cek)
 
 
+def recipients_binding(recipients: list[Recipient], exclude: str = "") -> bytes:
+    """The recipients of a JWE (each one's merged header without `exclude`, and its
+    encrypted key) as canonical JSON, for a MAC that binds them."""
+    entries = [
+        {"header": {k: v for k, v in r.header.items() if k != exclude},
+         "encrypted_key": _b64url_encode(r.encrypted_key)}
+        for r in recipients
+    ]
+    return json.dumps(entries, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
 def wrap(
     plaintext: bytes, recipients: list[tuple[Any, str | None]],
-    extra_protected: dict[str, str] | None = None,
+    extra_protected: Callable[[bytes], dict[str, str]] | None = None,
 ) -> bytes:
     """Encrypt `plaintext` (private options JSON) as one JWE for all recipients, the way
     go-jose serializes it for ocicrypt: flattened JSON with every header protected for one
     recipient, general JSON with per-recipient headers for several; content A256GCM. Each
     recipient is (public key, key algorithm or None for ocicrypt's default) and gets its
-    RFC 7638 thumbprint as `kid`, which go-jose ignores when decrypting. `extra_protected`
-    joins the protected header (go-jose ignores parameters it does not know)."""
+    RFC 7638 thumbprint as `kid`, which go-jose ignores when decrypting. `extra_protected`,
+    given the recipients_binding of the recipients as they will parse, returns parameters
+    for the protected header (go-jose ignores parameters it does not know)."""
     import os
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -418,7 +434,9 @@ def wrap(
         protected = {**wrapped[0][0], "enc": "A256GCM"}
     else:
         protected = {"enc": "A256GCM"}
-    protected.update(extra_protected or {})
+    if extra_protected is not None:
+        as_parsed = [Recipient({**header, **protected}, key) for header, key in wrapped]
+        protected.update(extra_protected(recipients_binding(as_parsed)))
     protected_b64 = _b64url_encode(json.dumps(protected, separators=(",", ":")).encode())
     sealed = AESGCM(cek).encrypt(iv, plaintext, protected_b64.encode("ascii"))
     body: dict[str, Any] = {"protected": protected_b64}
