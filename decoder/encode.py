@@ -307,8 +307,9 @@ def _read_password_fd(path: str, secret: str) -> bytes:
     data = b""
     try:
         fd = int(secret[len("fd=") :])
-        while b"\n" not in data and (chunk := os.read(fd, MAX_PASSWORD_BYTES + 2 - len(data))):
-            data += chunk
+        # a byte at a time: what follows the newline stays for whoever reads the fd next
+        while not data.endswith(b"\n") and (byte := os.read(fd, 1)):
+            data += byte
             if len(data) > MAX_PASSWORD_BYTES + 1:
                 raise UsageError(f"--key {path}: the password on {secret} is over "
                                  f"{MAX_PASSWORD_BYTES} bytes")
@@ -320,8 +321,7 @@ def _read_password_fd(path: str, secret: str) -> bytes:
         raise UsageError(
             f"--key {path}: cannot read its password from {secret}: {e.strerror}"
         ) from e
-    line, newline, _ = data.partition(b"\n")
-    return line + newline
+    return data
 
 
 def load_keys(arguments: list[str]) -> keys.KeyRing:

@@ -234,6 +234,7 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     source = ocilayout.parse_location(args.source)
     destination = ocilayout.parse_location(args.destination)
     ocilayout.LATE_SIGNALS.clear()
+    ocilayout.COMMITTED.clear()
     recipients = encode.parse_recipients(getattr(args, "recipient", None) or [], reporter)
     request = encode.Request(
         command=args.command,
@@ -250,6 +251,7 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
         reporter.warn(f"{signal.Signals(number).name} came while {destination} was being "
                       "saved, too late to stop it: the image was written in full")
     ocilayout.LATE_SIGNALS.clear()
+    ocilayout.COMMITTED.clear()
     return 0
 
 
@@ -261,12 +263,16 @@ def _write_payload(args: argparse.Namespace, platforms: tuple[Any, ...]) -> int:
     descriptor, label, blob = encode.layer_descriptor(source, list(platforms), args.layer)
     data = encode_payload(descriptor)
     if args.output is None:
-        if sys.stdout.isatty():
-            raise UsageError("the payload is binary: redirect stdout to a file, or give -o FILE")
-        sys.stdout.flush()
-        out = sys.stdout.buffer
-        out.write(data)
-        out.flush()
+        try:
+            if os.isatty(1):
+                raise UsageError("the payload is binary: redirect stdout to a file, or give "
+                                 "-o FILE")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view):]
+        except OSError as e:
+            raise UsageError(f"cannot write the payload to stdout: {e.strerror}; give -o FILE"
+                             ) from e
     else:
         try:
             with open(args.output, "wb") as f:
@@ -275,6 +281,14 @@ def _write_payload(args: argparse.Namespace, platforms: tuple[Any, ...]) -> int:
             raise UsageError(f"cannot write {args.output}: {e.strerror}") from e
     sys.stderr.write(f"{label}: {descriptor.get('mediaType')}, blob {blob}\n")
     return 0
+
+
+def _what_was_written() -> str:
+    from decoder import ocilayout
+
+    if ocilayout.COMMITTED:  # the signal came after the commit, while results were printed
+        return f"{ocilayout.COMMITTED[-1]} had been written in full (its report is cut short)"
+    return "nothing was written"
 
 
 class Terminated(BaseException):
@@ -323,12 +337,12 @@ def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
         return 1
     except KeyboardInterrupt:
         reporter.finish()
-        sys.stderr.write(f"{PROGRAM}: interrupted; nothing was written\n")
+        sys.stderr.write(f"{PROGRAM}: interrupted; {_what_was_written()}\n")
         return 130
     except Terminated as e:
         reporter.finish()
         name = signal.Signals(e.signum).name
-        sys.stderr.write(f"{PROGRAM}: terminated by {name}; nothing was written\n")
+        sys.stderr.write(f"{PROGRAM}: terminated by {name}; {_what_was_written()}\n")
         return 128 + e.signum
     except BrokenPipeError:
         # the reader of stdout went away (`ctd-encoder layerinfo | head`): exit 1 quietly, as

@@ -151,9 +151,9 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
 
     skipped_names = {source for source, _ in ring.skipped}
     for item in found.values():
-        if any(name.endswith(PASSWORD_SUFFIX) and name[: -len(PASSWORD_SUFFIX)] in entries
+        if all(name.endswith(PASSWORD_SUFFIX) and name[: -len(PASSWORD_SUFFIX)] in entries
                for name in names.get(item.real, [item.real])):
-            continue  # the password of the key file beside it
+            continue  # the password of the key file beside it (by every name it has)
         data = _read_file(item, ring)
         if data is None:
             continue

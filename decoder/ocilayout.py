@@ -353,6 +353,7 @@ def _signals_held() -> Iterator[None]:
 
 
 LATE_SIGNALS: list[int] = []  # signals that came while a commit held them
+COMMITTED: list[str] = []  # destinations committed in full (set while signals are held)
 
 
 def _umask() -> int:
@@ -362,12 +363,13 @@ def _umask() -> int:
 
 
 def file_mode(replacing: str | None = None) -> int:
-    """The mode for a file put in place: that of the file it replaces, else what the umask
-    allows (temporary files start at 0600, which would otherwise stay)."""
+    """The mode for a file put in place: what the umask allows (temporary files start at
+    0600, which would otherwise stay), no more than the file it replaces had."""
+    allowed = 0o666 & ~_umask()
     if replacing is not None:
         with contextlib.suppress(OSError):
-            return stat.S_IMODE(os.stat(replacing).st_mode)
-    return 0o666 & ~_umask()
+            return allowed & stat.S_IMODE(os.stat(replacing).st_mode)
+    return allowed
 
 
 def directory_mode() -> int:
@@ -544,6 +546,7 @@ class DirectoryDestination(Destination):
             if self._staging is None:  # the existing layout's new index.json is in place
                 self._added.clear()
                 self._created.clear()
+                COMMITTED.append(str(self.location))
                 return
             for directory in (self.root, os.path.join(self.root, "blobs")):
                 os.chmod(directory, directory_mode())  # mkdtemp made them 0700
@@ -554,6 +557,7 @@ class DirectoryDestination(Destination):
                     f"cannot move the new layout into place at {self.location.path}: {e.strerror}"
                 ) from e
             self._staging = None
+            COMMITTED.append(str(self.location))
 
     def abort(self) -> None:
         if self._staging is not None:
@@ -679,6 +683,7 @@ class ArchiveDestination(Destination):
                 self._closed = True
                 os.replace(self._temp, self.location.path)
                 self._temp_left = False
+                COMMITTED.append(str(self.location))
 
     def abort(self) -> None:
         if not self._closed:

@@ -882,6 +882,17 @@ def test_key_passwords_from_a_pipe_a_crlf_file_and_beside_the_key(
     finally:
         os.close(read_end)
         writer.wait()
+    other = tmp_path / "other.pem"  # two --key reading one fd: a line each
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout", "pass:pw2",
+                    "-in", str(KEYS / "ec256-pkcs8.pem"), "-out", str(other)], check=True)
+    read_end, write_end = os.pipe()
+    os.write(write_end, long_password.encode() + b"\npw2\n")
+    os.close(write_end)
+    try:
+        ok(encoder("layerinfo", "--key", f"{private}:fd={read_end}", "--key",
+                   f"{other}:fd={read_end}", f"oci:{tmp_path / 'enc'}"))
+    finally:
+        os.close(read_end)
     (tmp_path / "crlf").write_bytes(long_password.encode() + b"\r\n")
     ok(encoder("layerinfo", "--key", f"{private}:file={tmp_path / 'crlf'}",
                f"oci:{tmp_path / 'enc'}"))

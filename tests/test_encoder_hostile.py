@@ -424,6 +424,13 @@ def test_what_it_writes_follows_the_umask_and_keeps_a_replaced_file_s_mode(
     ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}",
                f"oci-archive:{tmp_path / 'dec.tar'}:again"))
     assert (tmp_path / "dec.tar").stat().st_mode & 0o777 == 0o640
+    previous = os.umask(0o077)  # a looser mode than the umask allows is not kept
+    try:
+        ok(encoder("decrypt", "--key", PRIV, f"oci:{tmp_path / 'enc'}",
+                   f"oci-archive:{tmp_path / 'dec.tar'}:third"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "dec.tar").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.fixture
@@ -571,6 +578,39 @@ def test_a_stop_signal_during_the_commit_is_not_reported_as_nothing_written(
     monkeypatch.setattr(ocilayout.os, "replace", real_replace)
     info = ok(encoder("layerinfo", "--json", where)).stdout
     assert all(layer["encrypted"] for m in json.loads(info)["manifests"] for layer in m["layers"])
+
+
+def test_a_stop_signal_while_the_results_print_says_the_image_was_written(
+    encoder: Encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from decoder import encode_cli
+
+    simple_image(tmp_path / "src", random_layers(2))
+    real_say = encode_cli.TerminalReporter.say
+
+    def say_then_stop(self: Any, text: str) -> None:
+        real_say(self, text)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(encode_cli.TerminalReporter, "say", say_then_stop)
+    result = encoder("encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+                     f"oci:{tmp_path / 'dst'}")
+    refused(result, f"terminated by SIGTERM; oci:{tmp_path / 'dst'} had been written in full",
+            status=143)
+    assert Reader(tmp_path / "dst").manifest()["layers"][0]["mediaType"].endswith("+encrypted")
+
+
+def test_payload_to_a_closed_or_full_stdout_is_one_line(tmp_path: Path) -> None:
+    layer = encrypt_layer(os.urandom(5000), [PUB])
+    builder = LayoutBuilder(tmp_path / "src")
+    builder.blob(layer.ciphertext)
+    builder.add(manifest_of(builder, [layer.descriptor]))
+    for redirect in (">&-", ">/dev/full"):
+        done = subprocess.run(["/bin/bash", "-c", f'"$@" {redirect}', "sh", str(SCRIPT),
+                               "payload", "--layer", "0", f"oci:{tmp_path / 'src'}"],
+                              capture_output=True, text=True, check=False)
+        refused(Run(done.returncode, "", done.stderr), "cannot write the payload to stdout: ",
+                "give -o FILE")
 
 
 # --- 6. a reader that closes stdout early ---------------------------------------------------

@@ -171,6 +171,14 @@ def test_the_password_of_a_link_that_was_skipped_says_so(tmp_path: Path) -> None
         f"password file of {keys / 'mykey.pem'}, which was skipped")
 
 
+def test_a_key_also_named_like_another_file_s_password_is_still_a_key(tmp_path: Path) -> None:
+    (tmp_path / "node.pem").write_bytes((KEYS / "rsa2048-pkcs8.pem").read_bytes())
+    (tmp_path / "README").write_text("keys for this node\n")
+    (tmp_path / "README.password").symlink_to("node.pem")
+    ring = load_keyring([str(tmp_path)], {})
+    assert [k.description for k in ring.private_keys] == ["RSA 2048"]
+
+
 def test_orphan_password_file_and_password_for_plain_key(tmp_path: Path) -> None:
     (tmp_path / "a.pem").write_bytes((KEYS / "rsa2048-pkcs1.pem").read_bytes())
     (tmp_path / "a.pem.password").write_bytes(b"unused")
