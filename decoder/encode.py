@@ -307,6 +307,9 @@ def _read_password_fd(path: str, secret: str) -> bytes:
     data = b""
     try:
         fd = int(secret[len("fd=") :])
+        if os.isatty(fd):
+            raise UsageError(f"--key {path}:{secret} is a terminal, where the password would "
+                             "show as it is typed; use file=PATH, or pipe it in")
         # a byte at a time: what follows the newline stays for whoever reads the fd next
         while not data.endswith(b"\n") and (byte := os.read(fd, 1)):
             data += byte
@@ -337,7 +340,7 @@ def load_keys(arguments: list[str]) -> keys.KeyRing:
             beside = dict.fromkeys(p + keys.PASSWORD_SUFFIX for p in (path, os.path.realpath(path)))
             for candidate in (p for p in beside if os.path.isfile(p)):
                 tried = keys.strip_newline(_read_small_file(candidate, "password file"))
-                if password is None or not keys.load_key_files([(path, data, tried)]).skipped:
+                if password is None or keys.load_key_files([(path, data, tried)]).private_keys:
                     password, password_files[path] = tried, candidate
         files.append((path, data, password))
     ring = keys.load_key_files(files)

@@ -317,13 +317,29 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, reporter)  # signal handlers can only be set in the main thread
     previous = {s: signal.getsignal(s) for s in (*_STOP_SIGNALS, signal.SIGINT)}
     for stop in _STOP_SIGNALS:
-        signal.signal(stop, _terminate)
+        if previous[stop] is not signal.SIG_IGN:  # nohup, or a parent that ignores them
+            signal.signal(stop, _terminate)
     try:
         return _main(argv, reporter)
     finally:
         for number, handler in previous.items():
             if handler is not None:
                 signal.signal(number, handler)
+
+
+def console_main() -> NoReturn:
+    """The ctd-encoder console script: main(), then out without the interpreter's teardown,
+    during which a late SIGINT or SIGTERM would turn a finished, reported run into a death by
+    signal (its handlers are reset to the defaults there)."""
+    code = main()
+    for number in (*_STOP_SIGNALS, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)  # the run is over, its result reported
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            code = code or 1
+    os._exit(code)
 
 
 def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
@@ -356,4 +372,4 @@ def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -163,10 +163,12 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
             if raw is not None:
                 passwords.append((strip_newline(raw), password_item.display))
         skipped_before = len(ring.skipped)
+        marks = (len(ring.private_keys), len(ring.certificates), len(ring.warnings))
         for password, _ in passwords or [(None, "")]:  # a link and its key may each have one
             del ring.skipped[skipped_before:]
+            del ring.private_keys[marks[0]:], ring.certificates[marks[1]:], ring.warnings[marks[2]:]
             _classify(data, password, item.display, ring)
-            if len(ring.skipped) == skipped_before:
+            if len(ring.private_keys) > marks[0]:  # a key came out (a file may also hold certs)
                 break
         if len(ring.skipped) == skipped_before:
             continue

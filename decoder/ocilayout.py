@@ -344,7 +344,8 @@ def _signals_held() -> Iterator[None]:
     held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {number: signal.getsignal(number) for number in held}
     for number in held:
-        signal.signal(number, lambda caught, _frame: LATE_SIGNALS.append(caught))
+        if previous[number] is not signal.SIG_IGN:  # one ignored (nohup) stays ignored
+            signal.signal(number, lambda caught, _frame: LATE_SIGNALS.append(caught))
     try:
         yield
     finally:

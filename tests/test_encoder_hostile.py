@@ -613,6 +613,38 @@ def test_payload_to_a_closed_or_full_stdout_is_one_line(tmp_path: Path) -> None:
                 "give -o FILE")
 
 
+def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
+    """`nohup ctd-encoder ...`: a hangup must not stop the run."""
+    _large_image(tmp_path / "src")
+    process = subprocess.Popen(
+        [SCRIPT, "encrypt", "--recipient", f"jwe:{PUB}", f"oci:{tmp_path / 'src'}",
+         f"oci:{tmp_path / 'dst'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 8
+    while _partial_bytes(tmp_path) < 16 << 20 and process.poll() is None:
+        assert time.monotonic() < deadline, "the encoder never got going"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert f"wrote oci:{tmp_path / 'dst'}" in stdout
+
+
+def test_a_password_fd_that_is_a_terminal_is_refused(encoder: Encoder, tmp_path: Path) -> None:
+    import pty
+
+    simple_image(tmp_path / "src", random_layers(1))
+    controller, terminal = pty.openpty()
+    try:
+        refused(encoder("layerinfo", "--key", f"{PRIV}:fd={terminal}", f"oci:{tmp_path / 'src'}"),
+                f"--key {PRIV}:fd={terminal} is a terminal, where the password would show")
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
 # --- 6. a reader that closes stdout early ---------------------------------------------------
 
 

@@ -145,6 +145,21 @@ def test_a_link_and_its_key_each_with_a_password_file(right_beside: str, tmp_pat
     assert str(tmp_path / "z-real" / "key.pem.password") in reason
 
 
+def test_a_certificate_and_encrypted_key_bundle_tries_every_password_file(
+    tmp_path: Path
+) -> None:
+    """The certificate in the file must not make a wrong password look like success."""
+    bundle = (KEYS / "rsa2048.cert.pem").read_bytes() + (
+        KEYS / "rsa2048-pkcs8-encrypted.pem").read_bytes()
+    (tmp_path / "key.pem").write_bytes(bundle)
+    (tmp_path / "key.pem.password").write_bytes(b"s3cret\n")
+    (tmp_path / "a-link").symlink_to("key.pem")  # sorts first, with a wrong password
+    (tmp_path / "a-link.password").write_bytes(b"wrong\n")
+    ring = load_keyring([str(tmp_path)], {})
+    assert [k.description for k in ring.private_keys] == ["RSA 2048"]
+    assert len(ring.certificates) == 1, "the certificate once, not once per attempt"
+
+
 def test_file_link_loops_are_named_and_warned_about(tmp_path: Path) -> None:
     (tmp_path / "loop.pem").symlink_to("loop.pem")
     (tmp_path / "a.pem").symlink_to("b.pem")
