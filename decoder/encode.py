@@ -220,13 +220,10 @@ def kids_check_out(parsed: jwe.JWE, symkey: bytes) -> bool:
     return hmac.compare_digest(claimed, kids_mac(symkey, binding))
 
 
-def already_wrapped_for(
-    annotations: dict[str, str], recipient: Recipient, symkey: bytes | None = None
-) -> bool:
+def already_wrapped_for(annotations: dict[str, str], recipient: Recipient) -> bool:
     """Whether the layer's keys annotation of the recipient's scheme names it already: a JWE
-    recipient by its `kid` (JWEs without kids, as skopeo writes, cannot tell), a PKCS7 one by
-    its certificate's issuer and serial. With the layer's `symkey`, a JWE kid counts only
-    when its JWE's kids-HMAC checks out."""
+    recipient by its `kid` (JWEs without kids, as skopeo writes, cannot tell; a claim until
+    verified_kids confirms it), a PKCS7 one by its certificate's issuer and serial."""
     value = keywrap.wrapped_keys(annotations).get(recipient.scheme)
     if not value:
         return False
@@ -237,8 +234,6 @@ def already_wrapped_for(
     if recipient.scheme != "jwe":
         return bool(_pkcs7().names_certificate(blobs, recipient.key))
     kid = jwe.thumbprint(recipient.key)
-    if symkey is not None:
-        return kid in verified_kids(annotations, symkey)
     for blob in blobs:
         try:
             parsed = jwe.parse(blob)
@@ -331,19 +326,19 @@ def load_keys(arguments: list[str]) -> keys.KeyRing:
     """The --key files: each must hold a usable private key or certificate."""
     import os
 
-    files = []
+    ring = keys.KeyRing()
     password_files: dict[str, str] = {}
     for argument in arguments:
         path, password = parse_key_argument(argument)
         data = _read_small_file(path, "key file")
+        candidates: list[tuple[bytes | None, str]] = [(password, "")]
         if password is None:  # as in the decoder's key directories: beside the link or the key
             beside = dict.fromkeys(p + keys.PASSWORD_SUFFIX for p in (path, os.path.realpath(path)))
-            for candidate in (p for p in beside if os.path.isfile(p)):
-                tried = keys.strip_newline(_read_small_file(candidate, "password file"))
-                if password is None or keys.load_key_files([(path, data, tried)]).private_keys:
-                    password, password_files[path] = tried, candidate
-        files.append((path, data, password))
-    ring = keys.load_key_files(files)
+            candidates = [(keys.strip_newline(_read_small_file(c, "password file")), c)
+                          for c in beside if os.path.isfile(c)]
+        used = keys.classify_trying(data, candidates, path, ring)
+        if candidates and candidates[0][1]:
+            password_files[path] = used or candidates[0][1]
     if ring.skipped:
         source, reason = ring.skipped[0]
         hint = ""
@@ -678,8 +673,9 @@ def plan(request: Request, root: Node) -> int:
                         if digest not in opened:
                             opened[digest] = _open_with_context(request, layer, label)
                         symkey = layercipher.parse_private_options(opened[digest]).symkey
+                        verified = verified_kids(annotations, symkey)
                         claimed = [r for r in claimed
-                                   if already_wrapped_for(annotations, r, symkey)]
+                                   if r.scheme != "jwe" or jwe.thumbprint(r.key) in verified]
                     else:
                         checked = " (as its JWE's kids claim; give --key to check them)"
                 layer.recipients = tuple(r for r in request.recipients if r not in claimed)

@@ -163,13 +163,7 @@ def _load_directory(directory: str, ring: KeyRing) -> None:
             if raw is not None:
                 passwords.append((strip_newline(raw), password_item.display))
         skipped_before = len(ring.skipped)
-        marks = (len(ring.private_keys), len(ring.certificates), len(ring.warnings))
-        for password, _ in passwords or [(None, "")]:  # a link and its key may each have one
-            del ring.skipped[skipped_before:]
-            del ring.private_keys[marks[0]:], ring.certificates[marks[1]:], ring.warnings[marks[2]:]
-            _classify(data, password, item.display, ring)
-            if len(ring.private_keys) > marks[0]:  # a key came out (a file may also hold certs)
-                break
+        classify_trying(data, passwords, item.display, ring)  # a link and its key may each have one
         if len(ring.skipped) == skipped_before:
             continue
         reason = ring.skipped[-1][1]
@@ -768,10 +762,19 @@ def _public_key_from_jwk(data: bytes, source: str) -> Any:
     raise KeyLoadError(f"{source}: JWK of type {obj['kty']!r} cannot be a recipient (RSA or EC)")
 
 
-def load_key_files(files: list[tuple[str, bytes, bytes | None]]) -> KeyRing:
-    """A KeyRing from (name, content, password) of key files named on a command line, each
-    classified exactly as a file in a key directory is."""
-    ring = KeyRing()
-    for source, data, password in files:
+def classify_trying(
+    data: bytes, passwords: list[tuple[bytes | None, str]], source: str, ring: KeyRing
+) -> str | None:
+    """Classify a key file with each (password, where it came from) in turn, keeping the
+    first try that yields a private key (a file may hold certificates too, which do not
+    count), else the last try's outcome; with no passwords, one try without. Returns where
+    the kept password came from, None when no try yielded a key."""
+    marks = (len(ring.private_keys), len(ring.certificates), len(ring.warnings),
+             len(ring.skipped))
+    for password, origin in passwords or [(None, "")]:
+        del ring.private_keys[marks[0]:], ring.certificates[marks[1]:]
+        del ring.warnings[marks[2]:], ring.skipped[marks[3]:]
         _classify(data, password, source, ring)
-    return ring
+        if len(ring.private_keys) > marks[0]:
+            return origin
+    return None
