@@ -250,8 +250,6 @@ def run(argv: list[str], reporter: TerminalReporter) -> int:
     for number in ocilayout.LATE_SIGNALS:
         reporter.warn(f"{signal.Signals(number).name} came while {destination} was being "
                       "saved, too late to stop it: the image was written in full")
-    ocilayout.LATE_SIGNALS.clear()
-    ocilayout.COMMITTED.clear()
     return 0
 
 
