@@ -13,9 +13,12 @@ deps: venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@command -v python3 >/dev/null && python3 -m venv --help >/dev/null 2>&1 || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; }
+# gcc and the Python headers compile decoder/_sha256pair.c (two SHA-256 streams at once); pip
+# would otherwise skip it quietly and the decoder would hash more slowly.
+BUILD_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev
+
+$(VENV)/.installed: pyproject.toml decoder/_sha256pair.c
+	@bash integration/install-deps.sh $(BUILD_PACKAGES)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,package]'

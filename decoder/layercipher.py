@@ -340,17 +340,18 @@ def _peek(pending: Sequence[memoryview], offset: int, count: int) -> bytes:
     return out
 
 
-Updates = tuple[tuple[Any, memoryview], ...]  # (hash or HMAC context, bytes to feed it)
+# (hash or HMAC context, what its update takes: bytes, or a MacAndDigest's two chunks)
+Updates = tuple[tuple[Any, memoryview | tuple[memoryview, memoryview]], ...]
 
 
 class SecondThread:
     """The second core's worker: feeds chunks to hash contexts, then writes chunks to an fd,
-    one submission after another in order. In the decoder the main thread reads, MACs and
-    decrypts (about 0.9 CPU-s per GB on these machines) and this one digests the plaintext and
-    writes it (about the same): two busy cores, the fewest hand-offs. The encoder gives it two
-    of its three hashes. cryptography releases the GIL while it hashes a large buffer and
-    os.write while it writes, so the two threads run in parallel; AES-CTR holds it, so it
-    stays on the main thread."""
+    one submission after another in order. In the decoder it computes the HMAC and digest
+    together (sha256pair) while the main thread reads, decrypts and writes; without the pair,
+    the main thread reads, MACs and decrypts and this one digests and writes, about the same
+    work each. The encoder gives it two of its three hashes. cryptography and sha256pair
+    release the GIL while they hash a large buffer, and os.write while it writes, so the two
+    threads run in parallel; AES-CTR holds it, so it stays on the main thread."""
 
     def __init__(
         self, out_fd: int = -1, write: Callable[[int, memoryview], None] = write_all
@@ -467,34 +468,46 @@ def decrypt_stream(
 
     A layer whose descriptor size is at most FULL_HOLD is decrypted into memory and written
     only once verified. With spool_fd (an empty file open for reading and writing), the
-    plaintext goes there and is copied to out_fd once verified."""
+    plaintext goes there and is copied to out_fd once verified.
+
+    Where decoder.sha256pair can run, the second thread computes the HMAC and the sha256
+    digest together and the main thread reads, decrypts (out of place: the HMAC is over the
+    ciphertext) and writes. Elsewhere the main thread reads, MACs and decrypts in place, and
+    the second thread digests and writes."""
     from collections import deque
 
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
-    mac = mac_context(params.key)
-    digest_hash = digest_context(params.digest_algorithm)
-    if spool_fd is not None:
-        writer = SecondThread(spool_fd, _spool_write)
-    else:
-        writer = SecondThread(out_fd, write)
+    paired = None
+    if params.digest_algorithm == "sha256":
+        from decoder import sha256pair
+
+        paired = sha256pair.mac_and_digest(params.key)
+    mac: Any = None  # cryptography's contexts, where the pair cannot run
+    digest_hash: Any = None
+    if paired is None:
+        mac = mac_context(params.key)
+        digest_hash = digest_context(params.digest_algorithm)
+    sink_fd, sink = (out_fd, write) if spool_fd is None else (spool_fd, _spool_write)
+    hasher = SecondThread() if paired is not None else SecondThread(sink_fd, sink)
     whole: memoryview | None = None  # the layer held in memory, when it is small
     if spool_fd is None and expected_size is not None and expected_size <= FULL_HOLD:
         whole = memoryview(bytearray(expected_size + 16))
     withheld = WITHHELD if whole is None and spool_fd is None else NOTHING_WRITTEN
     slots: list[memoryview] = []  # grown to RING buffers only as the layer needs them
+    plain_slots: list[memoryview] = []  # paired only: where each slot's chunk is decrypted to
     pending: deque[memoryview] = deque()  # decrypted, not yet released, in order
     decrypted = emitted = chunks = 0
     try:
         while True:
-            if whole is not None:
+            slot = chunks % RING
+            if whole is not None and paired is None:
                 buffer = whole[decrypted : decrypted + RING_CHUNK + 16]
             else:
-                slot = chunks % RING
                 # The slot's previous chunk is hashed and written once the submission after
                 # it is done: at most HOLD_BACK + TAR_BLOCK < RING_CHUNK bytes are held back.
-                writer.wait_for(chunks - RING + 2)
+                hasher.wait_for(chunks - RING + 2)
                 if slot == len(slots):
                     slots.append(memoryview(bytearray(RING_CHUNK + 16)))
                 buffer = slots[slot]
@@ -506,8 +519,17 @@ def decrypt_stream(
                     f"stdin carries more than the {expected_size} bytes the layer's descriptor "
                     f"gives; {withheld}"
                 )
-            mac.update(buffer[:filled])  # encrypt-then-MAC: over the ciphertext, before
-            plaintext = buffer[: ctr.update_into(buffer[:filled], buffer)]  # in place
+            ciphertext = buffer[:filled]
+            if mac is not None:
+                mac.update(ciphertext)  # encrypt-then-MAC: over the ciphertext, before
+                target = buffer  # decrypting in place
+            elif whole is not None:
+                target = whole[decrypted : decrypted + RING_CHUNK + 16]
+            else:
+                if slot == len(plain_slots):
+                    plain_slots.append(memoryview(bytearray(RING_CHUNK + 16)))
+                target = plain_slots[slot]
+            plaintext = target[: ctr.update_into(ciphertext, target)]
             pending.append(plaintext)
             decrypted += filled
             chunks += 1
@@ -528,20 +550,28 @@ def decrypt_stream(
                     pending.popleft()
                 else:
                     pending[0] = head[take:]
-            writer.submit(((digest_hash, plaintext),), releases)
-            if filled < len(buffer[:RING_CHUNK]):
+            if paired is not None:
+                hasher.submit(((paired, (ciphertext, plaintext)),))
+                for view in releases:
+                    sink(sink_fd, view)
+            else:
+                hasher.submit(((digest_hash, plaintext),), releases)
+            if filled < RING_CHUNK:
                 break
     except BaseException:
-        writer.abandon()
+        hasher.abandon()
         raise
-    writer.finish()
+    hasher.finish()
     if expected_size is not None and expected_size != decrypted:
         raise IntegrityError(
             f"stdin ended after {decrypted} bytes but the layer's descriptor gives "
             f"{expected_size}; {withheld}"
         )
-    warning = verify(params, mac.finalize(), digest_hash.finalize(), accept_digest_mismatch,
-                     withheld)
+    if paired is not None:
+        computed_mac, computed_digest = paired.finalize()
+    else:
+        computed_mac, computed_digest = mac.finalize(), digest_hash.finalize()
+    warning = verify(params, computed_mac, computed_digest, accept_digest_mismatch, withheld)
     if spool_fd is not None:
         _copy_spool(spool_fd, out_fd, decrypted)
     if whole is not None:

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -211,3 +212,13 @@ def skopeo_fixture(name: str) -> tuple[bytes, dict[str, Any], str]:
     plaintext_digest = descriptor.pop("x-plaintext-digest")
     descriptor.pop("x-uncompressed-digest", None)
     return (ASSETS / "skopeo" / f"{name}.blob").read_bytes(), descriptor, plaintext_digest
+
+
+def cpu_has_sha_extensions() -> bool:
+    """Whether this CPU has the x86 SHA extensions that decoder._sha256pair needs."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return "sha_ni" in line.split()
+    return False

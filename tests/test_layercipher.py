@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from decoder import layercipher
+from decoder import layercipher, sha256pair
 from decoder.errors import IntegrityError, LayerOptionsError, OutputError
 from decoder.layercipher import (
     HOLD_BACK,
@@ -24,8 +24,22 @@ from decoder.layercipher import (
     parse_private_options,
     parse_public_options,
 )
+from tests.support import cpu_has_sha_extensions
 
 KAT = json.loads((Path(__file__).parent / "assets" / "kat_aes_ctr_hmac.json").read_text())
+
+
+@pytest.fixture(params=["sha256pair", "cryptography"])
+def hashing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a decryption test with each way of hashing: the HMAC and digest together on the
+    second thread (sha256pair), and cryptography's contexts, where the pair cannot run."""
+    if request.param == "sha256pair":
+        if not cpu_has_sha_extensions():
+            pytest.skip("this CPU has no SHA extensions (sha_ni)")
+        assert sha256pair.native() is not None
+    else:
+        monkeypatch.setattr(sha256pair, "mac_and_digest", lambda key: None)
+    return str(request.param)
 
 
 def kat_params() -> CipherParameters:
@@ -49,12 +63,14 @@ def decrypt_bytes(
     return dst.read_bytes(), error
 
 
+@pytest.mark.usefixtures("hashing")
 def test_known_answer_vector(tmp_path: Path) -> None:
     out, error = decrypt_bytes(kat_params(), bytes.fromhex(KAT["ciphertext_hex"]), tmp_path)
     assert error is None
     assert out == KAT["plaintext"].encode()
 
 
+@pytest.mark.usefixtures("hashing")
 def test_known_answer_empty_layer_hmac(tmp_path: Path) -> None:
     params = kat_params()
     empty = CipherParameters(
@@ -79,6 +95,7 @@ def make(plaintext: bytes, nonce: bytes | None = None) -> tuple[CipherParameters
     return CipherParameters(key, iv, mac, "sha256", hashlib.sha256(plaintext).digest()), ciphertext
 
 
+@pytest.mark.usefixtures("hashing")
 @pytest.mark.parametrize(
     "size",
     [
@@ -103,6 +120,7 @@ def test_round_trip_sizes(size: int, tmp_path: Path) -> None:
     assert out == plaintext
 
 
+@pytest.mark.usefixtures("hashing")
 def test_counter_carries_across_64_bit_halves(tmp_path: Path) -> None:
     # ocicrypt's CTR increments the whole 16-byte IV as one big-endian number.
     plaintext = os.urandom(4096)
@@ -111,6 +129,7 @@ def test_counter_carries_across_64_bit_halves(tmp_path: Path) -> None:
     assert error is None and out == plaintext
 
 
+@pytest.mark.usefixtures("hashing")
 @pytest.mark.parametrize("damage", ["flip_middle", "flip_last", "truncate", "append"])
 def test_tampered_ciphertext_never_yields_a_complete_layer(damage: str, tmp_path: Path) -> None:
     plaintext = os.urandom((layercipher.RING + 2) * layercipher.RING_CHUNK + 777)
@@ -135,6 +154,7 @@ def test_tampered_ciphertext_never_yields_a_complete_layer(damage: str, tmp_path
     assert bytes(expected).startswith(out)
 
 
+@pytest.mark.usefixtures("hashing")
 def test_digest_mismatch_withholds_tail(tmp_path: Path) -> None:
     plaintext = os.urandom(200_000)
     params, ciphertext = make(plaintext)
@@ -146,12 +166,14 @@ def test_digest_mismatch_withholds_tail(tmp_path: Path) -> None:
     assert len(out) < len(plaintext) and len(out) % TAR_BLOCK == 1
 
 
+@pytest.mark.usefixtures("hashing")
 def test_small_tampered_layer_writes_nothing(tmp_path: Path) -> None:
     params, ciphertext = make(b"a" * 5000)
     out, error = decrypt_bytes(params, ciphertext[:-1] + bytes([ciphertext[-1] ^ 1]), tmp_path)
     assert isinstance(error, IntegrityError) and out == b""
 
 
+@pytest.mark.usefixtures("hashing")
 def test_failed_write_stops_the_hash_threads(tmp_path: Path) -> None:
     import threading
 
@@ -253,6 +275,7 @@ def test_release_point_is_block_plus_one() -> None:
     assert layercipher._release_point(0, HOLD_BACK) == 0
 
 
+@pytest.mark.usefixtures("hashing")
 def test_a_truncated_multi_member_gzip_layer_is_not_a_complete_stream(tmp_path: Path) -> None:
     """estargz writes one gzip member per file: a release that ended where a member ends
     would be a whole, valid gzip stream of fewer files. It must stop short of that."""
@@ -261,10 +284,11 @@ def test_a_truncated_multi_member_gzip_layer_is_not_a_complete_stream(tmp_path: 
 
     size = 9 * 1024 * 1024  # above FULL_HOLD, so the layer streams
     while True:  # a first member ending 1 byte past a 512-byte block, as releases do
-        first = gzip.compress(os.urandom(size), compresslevel=1, mtime=0)
-        if len(first) % TAR_BLOCK == 1:
+        # Stored deflate blocks (level 0): each byte more of input is one more of output.
+        first = gzip.compress(os.urandom(size), compresslevel=0, mtime=0)
+        if not (short := (1 - len(first)) % TAR_BLOCK):
             break
-        size += 1
+        size += short
     second = gzip.compress(os.urandom(300_000), compresslevel=1, mtime=0)
     plaintext = first + second
     params, ciphertext = make(plaintext)
@@ -346,6 +370,7 @@ def test_unauthenticated_public_nonce_cannot_override_private() -> None:
     assert cipher_parameters(private_without, public).nonce == b"P" * 16
 
 
+@pytest.mark.usefixtures("hashing")
 def test_hmac_failure_does_not_reveal_the_computed_mac(tmp_path: Path) -> None:
     # HMAC(layer key, chosen ciphertext) in an error would let the sender forge the layer.
     plaintext = os.urandom(5000)
@@ -356,6 +381,7 @@ def test_hmac_failure_does_not_reveal_the_computed_mac(tmp_path: Path) -> None:
     assert isinstance(error, IntegrityError) and computed not in str(error)
 
 
+@pytest.mark.usefixtures("hashing")
 def test_appended_bytes_cannot_push_the_real_end_out(tmp_path: Path) -> None:
     plaintext = os.urandom(300_000)
     params, ciphertext = make(plaintext)
@@ -367,6 +393,67 @@ def test_appended_bytes_cannot_push_the_real_end_out(tmp_path: Path) -> None:
     out = dst.read_bytes()
     assert len(out) <= len(plaintext) - HOLD_BACK
     assert out == b"" or len(out) % TAR_BLOCK == 1
+
+
+@pytest.mark.parametrize("hashing", ["sha256pair", "cryptography"], indirect=True)
+@pytest.mark.parametrize("mode", ["held whole", "streamed", "spooled"])
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+@pytest.mark.parametrize("tampered", [False, True], ids=["good", "tampered"])
+def test_every_way_of_decrypting_agrees(
+    hashing: str, mode: str, algorithm: str, tampered: bool, tmp_path: Path
+) -> None:
+    # Both ways of hashing, in each of decrypt_stream's three arrangements of buffers, give
+    # the plaintext of a good layer and refuse a tampered one.
+    plaintext = os.urandom(3 * layercipher.RING_CHUNK + 777)
+    params, ciphertext = make(plaintext)
+    params = params._replace(
+        digest_algorithm=algorithm, expected_digest=hashlib.new(algorithm, plaintext).digest()
+    )
+    if tampered:
+        ciphertext = ciphertext[:5000] + bytes([ciphertext[5000] ^ 4]) + ciphertext[5001:]
+    src, dst, spool = tmp_path / "in", tmp_path / "out", tmp_path / "spool"
+    src.write_bytes(ciphertext)
+    with open(src, "rb") as fin, open(dst, "wb") as fout, open(spool, "w+b") as spooled:
+        call = lambda: decrypt_stream(  # noqa: E731
+            params, fin.fileno(), fout.fileno(),
+            expected_size=len(ciphertext) if mode == "held whole" else None,
+            spool_fd=spooled.fileno() if mode == "spooled" else None,
+        )
+        if tampered:
+            with pytest.raises(IntegrityError, match="failed its HMAC check"):
+                call()
+        else:
+            assert call() is None
+    out = dst.read_bytes()
+    if not tampered:
+        assert out == plaintext
+    elif mode == "streamed":
+        assert 0 < len(out) <= len(plaintext) - HOLD_BACK
+    else:
+        assert out == b""
+
+
+@pytest.mark.skipif(not cpu_has_sha_extensions(), reason="this CPU has no SHA extensions")
+def test_the_pair_hashes_a_sha256_layer_and_cryptography_any_other(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    made: list[object] = []
+    real = sha256pair.mac_and_digest
+
+    def spy(key: bytes) -> sha256pair.MacAndDigest | None:
+        result = real(key)
+        made.append(result)
+        return result
+
+    monkeypatch.setattr(sha256pair, "mac_and_digest", spy)
+    plaintext = os.urandom(1 << 20)
+    params, ciphertext = make(plaintext)
+    assert decrypt_bytes(params, ciphertext, tmp_path) == (plaintext, None)
+    assert len(made) == 1 and isinstance(made[0], sha256pair.MacAndDigest)
+    sha512 = params._replace(digest_algorithm="sha512",
+                             expected_digest=hashlib.sha512(plaintext).digest())
+    assert decrypt_bytes(sha512, ciphertext, tmp_path) == (plaintext, None)
+    assert len(made) == 1, "a sha512 digest is not one the pair computes"
 
 
 def test_options_json_go_semantics() -> None:
