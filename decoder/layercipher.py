@@ -194,6 +194,16 @@ def same_bytes(a: bytes, b: bytes) -> bool:
     return bool(_compare_digest(a, b))
 
 
+def paired_hashes(params: CipherParameters) -> Any:
+    """The HMAC and a sha256 digest computed together (a sha256pair.MacAndDigest), or None
+    where the pair cannot run or the digest is another algorithm."""
+    if params.digest_algorithm != "sha256":
+        return None
+    from decoder import sha256pair
+
+    return sha256pair.mac_and_digest(params.key)
+
+
 class LayerDecryptor:
     """Streaming AES-256-CTR decryption with HMAC-SHA256 over the ciphertext and a digest
     over the plaintext, shaped like cryptography's cipher contexts."""
@@ -203,8 +213,10 @@ class LayerDecryptor:
 
         self._params = params
         self._ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
-        self._mac = mac_context(params.key)
-        self._digest = digest_context(params.digest_algorithm)
+        self._pair = paired_hashes(params)
+        if self._pair is None:
+            self._mac = mac_context(params.key)
+            self._digest = digest_context(params.digest_algorithm)
         self._final: tuple[bytes, bytes] | None = None
         self.bytes_processed = 0
 
@@ -213,25 +225,37 @@ class LayerDecryptor:
     ) -> int:
         """Decrypt `ciphertext` into `out` (at least len(ciphertext) + 15 bytes long). With
         `hasher`, the HMAC and digest updates go to that thread: both buffers stay in use
-        until it has done this submission, it must have finished before the results are
-        read, and `out` must be another buffer (the HMAC there runs after decryption, so in
-        place it would cover the plaintext)."""
-        if hasher is not None and out.obj is ciphertext.obj:
-            raise ValueError("update_into with a hasher cannot decrypt in place")
-        if hasher is None:
+        until it has done this submission, and it must have finished before the results are
+        read. `out` must be another buffer when the HMAC runs after decryption (with a
+        hasher, or with the paired hashes), since in place it would cover the plaintext."""
+        if (hasher is not None or self._pair is not None) and out.obj is ciphertext.obj:
+            raise ValueError("update_into cannot decrypt in place here: the HMAC runs after it")
+        if hasher is None and self._pair is None:
             self._mac.update(ciphertext)
         n = self._ctr.update_into(ciphertext, out)
-        if hasher is None:
-            self._digest.update(out[:n])
+        updates: Updates
+        if self._pair is not None:
+            updates = ((self._pair, (ciphertext, out[:n])),)
         else:
-            hasher.submit(((self._mac, ciphertext), (self._digest, out[:n])))
+            updates = ((self._mac, ciphertext), (self._digest, out[:n]))
+        if hasher is not None:
+            hasher.submit(updates)
+        elif self._pair is not None:
+            self._pair.update((ciphertext, out[:n]))
+        else:
+            self._digest.update(out[:n])
         self.bytes_processed += n
         return n
 
     def _finish(self) -> tuple[bytes, bytes]:
-        if self._final is None:
-            self._final = (self._mac.finalize(), self._digest.finalize())
-        return self._final
+        final = self._final
+        if final is None:
+            if self._pair is not None:
+                final = self._pair.finalize()
+            else:
+                final = (self._mac.finalize(), self._digest.finalize())
+            self._final = final
+        return final
 
     @property
     def plaintext_digest(self) -> str:
@@ -479,11 +503,7 @@ def decrypt_stream(
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     ctr = Cipher(algorithms.AES(params.key), modes.CTR(params.nonce)).decryptor()
-    paired = None
-    if params.digest_algorithm == "sha256":
-        from decoder import sha256pair
-
-        paired = sha256pair.mac_and_digest(params.key)
+    paired = paired_hashes(params)
     mac: Any = None  # cryptography's contexts, where the pair cannot run
     digest_hash: Any = None
     if paired is None:
@@ -721,11 +741,17 @@ def encrypt_stream(
     key = os.urandom(KEY_BYTES)
     nonce = os.urandom(NONCE_BYTES)
     ctr = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
-    mac = mac_context(key)
     plain_digest = digest_context("sha256")
-    cipher_digest = digest_context("sha256")
     # Three hashes per byte: the main thread reads, digests the plaintext, encrypts and
-    # writes; the second thread MACs and digests the ciphertext of the chunk before.
+    # writes; the second thread MACs and digests the ciphertext of the chunk before, both at
+    # once where sha256pair can run (the same bytes as its two streams).
+    from decoder import sha256pair
+
+    paired = sha256pair.mac_and_digest(key)
+    mac: Any = None
+    cipher_digest: Any = None
+    if paired is None:
+        mac, cipher_digest = mac_context(key), digest_context("sha256")
     hasher = SecondThread()
     size = 0
     try:
@@ -733,7 +759,11 @@ def encrypt_stream(
             n = len(plaintext)
             plain_digest.update(plaintext)
             ctr.update_into(plaintext, out_view)
-            hasher.submit(((mac, out_view[:n]), (cipher_digest, out_view[:n])))
+            ciphertext = out_view[:n]
+            if paired is not None:
+                hasher.submit(((paired, (ciphertext, ciphertext)),))
+            else:
+                hasher.submit(((mac, ciphertext), (cipher_digest, ciphertext)))
             write_all(out_fd, out_view[:n], output_name)
             size += n
             if progress is not None:
@@ -750,12 +780,16 @@ def encrypt_stream(
             f"the source layer's content is {digest}, "
             f"not the {expected_digest} its descriptor gives"
         )
+    if paired is not None:
+        computed_mac, ciphertext_sha256 = paired.finalize()
+    else:
+        computed_mac, ciphertext_sha256 = mac.finalize(), cipher_digest.finalize()
     private = PrivateOptions(key, digest, {"nonce": nonce})
-    public = PublicOptions(CIPHER_AES_256_CTR_HMAC_SHA256, mac.finalize(), {})
+    public = PublicOptions(CIPHER_AES_256_CTR_HMAC_SHA256, computed_mac, {})
     return EncryptedLayer(
         private_options=options_json(private),
         public_options=options_json(public),
         plaintext_digest=digest,
-        ciphertext_digest="sha256:" + cipher_digest.finalize().hex(),
+        ciphertext_digest="sha256:" + ciphertext_sha256.hex(),
         size=size,
     )

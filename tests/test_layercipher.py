@@ -223,6 +223,7 @@ def test_second_thread_feeds_in_order_and_stops_at_a_failure() -> None:
     worker.abandon()
 
 
+@pytest.mark.usefixtures("hashing")
 def test_decrypting_in_place_with_a_second_thread_is_refused() -> None:
     """With a hasher the HMAC runs after decryption, so in place it would cover plaintext."""
     params, ciphertext = make(os.urandom(1000))
@@ -238,6 +239,32 @@ def test_decrypting_in_place_with_a_second_thread_is_refused() -> None:
     assert decryptor.verify() is None
 
 
+@pytest.mark.usefixtures("hashing")
+@pytest.mark.parametrize("threaded", [False, True], ids=["same thread", "second thread"])
+def test_layer_decryptor_in_chunks(threaded: bool) -> None:
+    plaintext = os.urandom(300_001)
+    params, ciphertext = make(plaintext)
+    for expected_hmac, verifies in ((params.expected_hmac, True), (bytes(32), False)):
+        decryptor = layercipher.LayerDecryptor(params._replace(expected_hmac=expected_hmac))
+        worker = layercipher.SecondThread() if threaded else None
+        out, buffers = bytearray(), []
+        for start in range(0, len(ciphertext), 70_000):
+            buffers.append(buffer := memoryview(bytearray(70_016)))  # in use until finish
+            n = decryptor.update_into(memoryview(ciphertext)[start : start + 70_000], buffer,
+                                      worker)
+            out += buffer[:n]
+        if worker is not None:
+            worker.finish()
+        assert out == plaintext and decryptor.bytes_processed == len(plaintext)
+        if verifies:
+            assert decryptor.verify() is None
+            assert decryptor.plaintext_digest == "sha256:" + hashlib.sha256(plaintext).hexdigest()
+        else:
+            with pytest.raises(IntegrityError, match="failed its HMAC check"):
+                decryptor.verify()
+
+
+@pytest.mark.usefixtures("hashing")
 def test_encrypt_stream_stops_its_second_thread_when_the_write_fails(tmp_path: Path) -> None:
     src = tmp_path / "plain"
     src.write_bytes(os.urandom(3 * layercipher.CHUNK))
@@ -471,6 +498,7 @@ def test_bad_pubopts_annotation(value: str) -> None:
         parse_public_options({"org.opencontainers.image.enc.pubopts": value})
 
 
+@pytest.mark.usefixtures("hashing")
 def test_encrypt_stream_round_trips_and_matches_ocicrypt_shapes(tmp_path: Path) -> None:
     plaintext = os.urandom(2 * (1 << 20) + 99)
     src, enc = tmp_path / "plain", tmp_path / "enc"
@@ -490,10 +518,13 @@ def test_encrypt_stream_round_trips_and_matches_ocicrypt_shapes(tmp_path: Path) 
         parse_private_options(result.private_options),
         parse_public_options({"org.opencontainers.image.enc.pubopts": pubopts}),
     )
+    # Checked with the standard library too: encryption and decryption share the pair.
+    assert hmac.new(params.key, ciphertext, "sha256").digest() == params.expected_hmac
     out, error = decrypt_bytes(params, ciphertext, tmp_path)
     assert error is None and out == plaintext
 
 
+@pytest.mark.usefixtures("hashing")
 def test_encrypt_stream_refuses_a_source_that_does_not_match_its_digest(tmp_path: Path) -> None:
     src = tmp_path / "plain"
     src.write_bytes(b"layer")
