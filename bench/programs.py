@@ -49,7 +49,8 @@ def command_output(argv: list[str], timeout: float = 120) -> str:
 
 
 def _sources_newer_than(built: float, *extra: Path) -> bool:
-    sources = [*(REPO_ROOT / "decoder").rglob("*.py"), *extra]
+    package = REPO_ROOT / "decoder"
+    sources = [*package.rglob("*.py"), *package.rglob("*.c"), *extra]
     return any(path.stat().st_mtime > built for path in sources if path.exists())
 
 
@@ -127,6 +128,14 @@ def go_version(binary: Path) -> str:
     return found.group(0).decode() if found else "unknown"
 
 
+# Whether decoder._sha256pair (the HMAC and digest hashed together) runs in an install.
+PAIR_CHECK = (
+    "from decoder import sha256pair\n"
+    "print('in use' if sha256pair.native() else "
+    "'not in use: hashes with cryptography (not built, or no SHA extensions)')"
+)
+
+
 def versions(refdec_path: Path | None, bundle_path: Path | None) -> dict[str, str]:
     """Versions of everything measured, for the report."""
     out: dict[str, str] = {
@@ -139,8 +148,11 @@ def versions(refdec_path: Path | None, bundle_path: Path | None) -> dict[str, st
         except metadata.PackageNotFoundError:
             out[package] = "not installed"
     out["openssl (cryptography)"] = _cryptography_openssl()
+    out["SHA-256 pair (pip)"] = command_output([str(VENV_BIN / "python"), "-c", PAIR_CHECK])
     if bundle_path is not None:
         out["bundle"] = command_output([str(bundle_path), "--version"]) or "missing"
+        carried = any((bundle_path.parent / "_internal" / "decoder").glob("_sha256pair.*"))
+        out["SHA-256 pair (bundle)"] = "carried" if carried else "missing: hashes with cryptography"
     if refdec_path is not None:
         out["refdec (Go)"] = go_version(refdec_path)
     out["ctd-encoder"] = (command_output([str(ENCODER), "--version"]) if ENCODER.exists()
