@@ -142,6 +142,17 @@ static int cpu_has_sha_ni(void)
         return 0;
     if (!(ecx & bit_SSSE3) || !(ecx & bit_SSE4_1))
         return 0;
+#ifdef __AVX__
+    /* Built with -mavx or later: the compiler encodes these SSE intrinsics with VEX, which
+     * needs AVX and an OS that saves the YMM state (OSXSAVE, XCR0 bits 1 and 2). */
+    if (!(ecx & bit_AVX) || !(ecx & bit_OSXSAVE))
+        return 0;
+    unsigned int xcr0_low, xcr0_high;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    (void)xcr0_high;
+    if ((xcr0_low & 6) != 6)
+        return 0;
+#endif
     if (__get_cpuid_max(0, NULL) < 7)
         return 0;
     __cpuid_count(7, 0, eax, ebx, ecx, edx);
@@ -179,14 +190,15 @@ static int get_blocks(PyObject *obj, Py_buffer *view)
 
 static PyObject *not_usable(void)
 {
-    PyErr_SetString(PyExc_RuntimeError, "this CPU has no SHA extensions");
+    PyErr_SetString(PyExc_RuntimeError,
+                    "SHA extensions unavailable (not an x86-64 build, or not on this CPU)");
     return NULL;
 }
 
 PyDoc_STRVAR(compress_doc,
              "compress(state, blocks): fold whole 64-byte blocks into a 32-byte state.");
 
-static PyObject *py_compress(PyObject *module, PyObject *args)
+static PyObject *py_compress(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *state_obj, *data_obj;
     Py_buffer state, data;
@@ -214,7 +226,7 @@ PyDoc_STRVAR(compress_pair_doc,
              "compress_pair(state_a, blocks_a, state_b, blocks_b): compress two streams of "
              "the same number of whole blocks at once.");
 
-static PyObject *py_compress_pair(PyObject *module, PyObject *args)
+static PyObject *py_compress_pair(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *objs[4];
     Py_buffer state_a, data_a, state_b, data_b;
@@ -234,8 +246,9 @@ static PyObject *py_compress_pair(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "compress_pair needs blocks of the same length");
         goto release_all;
     }
-    if (state_a.buf == state_b.buf) {
-        PyErr_SetString(PyExc_ValueError, "compress_pair needs two different states");
+    if ((char *)state_a.buf < (char *)state_b.buf + 32 &&
+        (char *)state_b.buf < (char *)state_a.buf + 32) {
+        PyErr_SetString(PyExc_ValueError, "compress_pair needs two separate states");
         goto release_all;
     }
 #if HAVE_SHA_NI_BUILD
@@ -269,7 +282,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "decoder._sha256pair",
     "SHA-256 block compression with the x86 SHA extensions, one stream or two at once.", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__sha256pair(void)

@@ -42,15 +42,18 @@ def native() -> ModuleType | None:
 class Sha256:
     """A SHA-256 stream: a state, the bytes of the block not yet complete, the length."""
 
-    __slots__ = ("_compress", "length", "state", "tail")
+    __slots__ = ("_compress", "length", "spent", "state", "tail")
 
     def __init__(self, compress: Any, state: bytes = _INITIAL, length: int = 0) -> None:
         self._compress = compress
         self.state = bytearray(state)
         self.tail = bytearray()
         self.length = length
+        self.spent = False
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self.spent:
+            raise ValueError("a finalized SHA-256 stream takes no more data")
         view = memoryview(data).cast("B")
         self.length += len(view)
         if self.tail:
@@ -68,6 +71,9 @@ class Sha256:
 
     def finalize(self) -> bytes:
         """The digest; the stream is spent afterwards."""
+        if self.spent:
+            raise ValueError("this SHA-256 stream is already finalized")
+        self.spent = True
         # FIPS 180-4, 5.1.1: a 1 bit, zeros to 56 mod 64 bytes, the bit length big-endian.
         zeros = (BLOCK - 9 - len(self.tail)) % BLOCK
         self.tail += b"\x80" + bytes(zeros) + struct.pack(">Q", self.length * 8)
@@ -112,6 +118,9 @@ def update_pair(
     second: Sha256, second_data: memoryview,
 ) -> None:
     """Feed two streams; the whole blocks both can take go through the C function at once."""
+    first_data, second_data = memoryview(first_data).cast("B"), memoryview(second_data).cast("B")
+    if first.spent or second.spent:
+        raise ValueError("a finalized SHA-256 stream takes no more data")
     if not first.tail and not second.tail:
         whole = min(len(first_data), len(second_data))
         whole -= whole % BLOCK

@@ -460,6 +460,53 @@ def test_every_way_of_decrypting_agrees(
         assert out == b""
 
 
+@pytest.mark.parametrize("hashing", ["sha256pair", "cryptography"], indirect=True)
+@pytest.mark.parametrize("mode", ["held whole", "streamed", "spooled"])
+def test_no_buffer_is_reused_while_the_second_thread_hashes_it(
+    hashing: str, mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A slow second thread: what it hashes must be what was submitted, until it is done.
+    import time
+
+    changed: list[int] = []
+
+    def snapshot(data: object) -> bytes:
+        views = data if isinstance(data, tuple) else (data,)
+        return hashlib.sha256(b"".join(bytes(v) for v in views)).digest()
+
+    class Slow:
+        def __init__(self, context: object, data: object, index: int) -> None:
+            self.context, self.taken, self.index = context, snapshot(data), index
+
+        def update(self, data: object) -> None:
+            time.sleep(0.003)
+            unchanged = snapshot(data) == self.taken
+            self.context.update(data)  # type: ignore[attr-defined]
+            if not (unchanged and snapshot(data) == self.taken):
+                changed.append(self.index)
+
+    real_submit = layercipher.SecondThread.submit
+
+    def submit(self: layercipher.SecondThread, updates: layercipher.Updates,
+               writes: tuple[memoryview, ...] = ()) -> None:
+        slowed = tuple((Slow(c, d, self.submitted), d) for c, d in updates)
+        real_submit(self, slowed, writes)
+
+    monkeypatch.setattr(layercipher.SecondThread, "submit", submit)
+    plaintext = os.urandom((layercipher.RING + 3) * layercipher.RING_CHUNK + 1234)
+    params, ciphertext = make(plaintext)
+    src, dst, spool = tmp_path / "in", tmp_path / "out", tmp_path / "spool"
+    src.write_bytes(ciphertext)
+    with open(src, "rb") as fin, open(dst, "wb") as fout, open(spool, "w+b") as spooled:
+        assert decrypt_stream(
+            params, fin.fileno(), fout.fileno(),
+            expected_size=len(ciphertext) if mode == "held whole" else None,
+            spool_fd=spooled.fileno() if mode == "spooled" else None,
+        ) is None
+    assert changed == []
+    assert dst.read_bytes() == plaintext
+
+
 @pytest.mark.skipif(not cpu_has_sha_extensions(), reason="this CPU has no SHA extensions")
 def test_the_pair_hashes_a_sha256_layer_and_cryptography_any_other(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path

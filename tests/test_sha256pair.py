@@ -144,8 +144,39 @@ def test_compress_pair_refuses_bad_arguments(native: ModuleType) -> None:
     state = bytearray(32)
     with pytest.raises(ValueError, match="same length"):
         native.compress_pair(state, bytes(64), bytearray(32), bytes(128))
-    with pytest.raises(ValueError, match="two different states"):
+    with pytest.raises(ValueError, match="two separate states"):
         native.compress_pair(state, bytes(64), state, bytes(64))
+    overlapping = memoryview(bytearray(48))
+    with pytest.raises(ValueError, match="two separate states"):
+        native.compress_pair(overlapping[:32], bytes(64), overlapping[16:], bytes(64))
     with pytest.raises(ValueError, match="32 bytes"):
         native.compress_pair(state, bytes(64), bytearray(8), bytes(64))
     assert state == bytearray(32)  # nothing was compressed into it
+
+
+@needs_native
+def test_views_of_wider_items_are_hashed_as_their_bytes(native: ModuleType) -> None:
+    data = bytes(range(256)) * 1000
+    paired = sha256pair.mac_and_digest(b"k" * 32)
+    assert paired is not None
+    words = memoryview(data).cast("I")
+    paired.update((words, memoryview(data).cast("d")))
+    assert paired.finalize() == (
+        hmac.new(b"k" * 32, data, "sha256").digest(), hashlib.sha256(data).digest()
+    )
+
+
+@needs_native
+def test_a_finalized_stream_refuses_more(native: ModuleType) -> None:
+    paired = sha256pair.mac_and_digest(bytes(32))
+    assert paired is not None
+    paired.update((memoryview(b"x" * 64), memoryview(b"y" * 64)))
+    paired.finalize()
+    with pytest.raises(ValueError, match="finalized"):
+        paired.finalize()
+    with pytest.raises(ValueError, match="finalized"):
+        paired.update((memoryview(b"x" * 64), memoryview(b"y" * 64)))
+    stream = sha256pair.Sha256(native.compress)
+    stream.finalize()
+    with pytest.raises(ValueError, match="finalized"):
+        stream.update(b"more")
