@@ -528,6 +528,14 @@ def test_the_pair_hashes_a_sha256_layer_and_cryptography_any_other(
                              expected_digest=hashlib.sha512(plaintext).digest())
     assert decrypt_bytes(sha512, ciphertext, tmp_path) == (plaintext, None)
     assert len(made) == 1, "a sha512 digest is not one the pair computes"
+    small_plaintext = os.urandom(30_000)
+    small, small_ciphertext = make(small_plaintext)
+    src, dst = tmp_path / "small", tmp_path / "small.out"
+    src.write_bytes(small_ciphertext)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        decrypt_stream(small, fin.fileno(), fout.fileno(), expected_size=len(small_ciphertext))
+    assert dst.read_bytes() == small_plaintext
+    assert len(made) == 1, "a layer of one chunk does not load the pair"
 
 
 def test_options_json_go_semantics() -> None:
