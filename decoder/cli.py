@@ -68,8 +68,7 @@ def report_failure(message: str) -> None:
     applies an empty layer and reports a diffID mismatch instead of this message. So a
     child keeps stdout open (and nothing else) a little past our exit.
     """
-    sys.stderr.write(f"ctd-decoder: {message}\n")
-    sys.stderr.flush()
+    _say(f"ctd-decoder: {message}\n")
     try:
         import syslog
 
@@ -164,12 +163,49 @@ def main() -> NoReturn:
 
     gc.disable()
     code = run(sys.argv[1:])
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # closed or missing at start-up
-            code = code or 1
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):  # closed or missing at start-up
+        code = code or 1
+    try:  # a missing stderr (fd 2 closed) loses the messages, not the layer
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
     os._exit(code)
+
+
+STD_STREAMS = {0: "stdin (fd 0), where containerd passes the ciphertext",
+               1: "stdout (fd 1), where the plaintext goes"}
+
+
+def _fill_closed_std_fds() -> list[int]:
+    """Put /dev/null on any of fds 0-2 that are closed, so no file opened later (a key, the
+    spool) takes their place and gets written to or read as the layer; return those of 0
+    and 1 that were closed."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:
+            break
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    return [fd for fd in closed if fd in STD_STREAMS]
+
+
+def _say(text: str) -> None:
+    """Write to stderr; with fd 2 closed at start-up there is no sys.stderr to write to."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def run(args: list[str]) -> int:
@@ -181,6 +217,7 @@ def run(args: list[str]) -> int:
     # Library warnings (a deprecated certificate encoding in a stray file, say) would add
     # lines to the stderr that containerd shows as the error.
     warnings.simplefilter("ignore")
+    closed = _fill_closed_std_fds()
     try:
         values, action = parse_args(args)
         if action == "help":
@@ -188,7 +225,10 @@ def run(args: list[str]) -> int:
         if action == "version":
             return _print(f"ctd-decoder {__version__}\n")
         from decoder import decode
+        from decoder.errors import OutputError
 
+        if closed:
+            raise OutputError(f"{STD_STREAMS[closed[0]]} is closed; nothing was written")
         provider_configs = values["keyprovider-config"]
         options = decode.Options(
             key_directories=values["decryption-keys-path"],
@@ -204,6 +244,11 @@ def run(args: list[str]) -> int:
             raise
         report_failure(one_line(str(e)))
         return 1
+    except KeyboardInterrupt:  # SIGINT: by hand, at a terminal
+        if os.environ.get("CTD_DECODER_DEBUG") == "1":
+            raise
+        report_failure("interrupted (SIGINT); the layer was not written in full")
+        return 130
     for note in notes:
-        sys.stderr.write(f"ctd-decoder: warning: {one_line(note)}\n")
+        _say(f"ctd-decoder: warning: {one_line(note)}\n")
     return 0

@@ -307,10 +307,23 @@ def verify(
     )
 
 
+def wait_until_ready(fd: int, for_writing: bool) -> None:
+    """Block until a non-blocking fd (O_NONBLOCK set by whoever opened it) can be read or
+    written: EAGAIN is a wait, not an error."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if for_writing else select.POLLIN)
+    poller.poll()
+
+
 def write_all(fd: int, data: memoryview, what: str = "the plaintext") -> None:
     while data:
         try:
             written = os.write(fd, data)
+        except BlockingIOError:
+            wait_until_ready(fd, for_writing=True)
+            continue
         except BrokenPipeError as e:
             raise OutputError(
                 "the reader closed the output pipe before the layer was written"
@@ -471,6 +484,9 @@ def _read_full(fd: int, view: memoryview) -> int:
     while filled < len(view):
         try:
             n = os.readv(fd, [view[filled:]])
+        except BlockingIOError:
+            wait_until_ready(fd, for_writing=False)
+            continue
         except OSError as e:
             raise OutputError(f"cannot read the ciphertext from stdin: {e.strerror}") from e
         if n == 0:
@@ -612,7 +628,11 @@ def _copy_spool(spool_fd: int, out_fd: int, size: int) -> None:
     offset = 0
     try:
         while offset < size:
-            sent = os.sendfile(out_fd, spool_fd, offset, min(size - offset, 1 << 30))
+            try:
+                sent = os.sendfile(out_fd, spool_fd, offset, min(size - offset, 1 << 30))
+            except BlockingIOError:
+                wait_until_ready(out_fd, for_writing=True)
+                continue
             if sent == 0:
                 raise OutputError("the spool file ended before the layer did")
             offset += sent

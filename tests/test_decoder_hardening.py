@@ -6,6 +6,7 @@ counts spread over many blobs."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -165,3 +166,123 @@ def test_recipients_are_capped_over_all_blobs_of_a_layer(tmp_path: Path) -> None
     result = run_decoder(layer.ciphertext, payload_bytes(beyond), args_for(keys))
     assert_failed(result, "no key opens layer", "JWE 7 has 40 recipients; only the first 16 "
                   "were tried (256 per layer)")
+
+
+def wrapped(shell_redirect: str) -> list[str]:
+    """The decoder started through a shell that applies a redirection first."""
+    from tests.support import decoder_command
+
+    return ["/bin/bash", "-c", f'exec "$@" {shell_redirect}', "sh", *decoder_command()]
+
+
+@pytest.mark.parametrize(("redirect", "named"), [(">&-", "stdout (fd 1)"),
+                                                 ("<&-", "stdin (fd 0)")])
+def test_a_closed_stdin_or_stdout_is_named_and_no_file_takes_its_place(
+    redirect: str, named: str, tmp_path: Path
+) -> None:
+    # Closed, the fd would go to the next file opened: the spool, which was then copied
+    # onto itself, or a key file read as the ciphertext.
+    ciphertext, descriptor, _, args = large_layer(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    result = run_decoder(ciphertext, payload_bytes(descriptor),
+                         [*args, "--spool-dir", str(spool)], command=wrapped(redirect))
+    assert_failed(result, named, "is closed; nothing was written")
+    assert list(spool.iterdir()) == []
+
+
+def test_a_closed_stderr_loses_the_messages_not_the_layer(tmp_path: Path) -> None:
+    ciphertext, descriptor, plaintext, args = large_layer(tmp_path)
+    result = run_decoder(ciphertext, payload_bytes(descriptor), args, command=wrapped("2>&-"))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == plaintext
+
+
+def start_with_payload(
+    command: list[str], args: list[str], payload: bytes
+) -> subprocess.Popen[bytes]:
+    """The decoder with its payload on fd 3 and pipes for stdin, stdout and stderr."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, payload)  # small: fits in the pipe
+    os.close(write_end)
+    env = {k: v for k, v in os.environ.items() if k != "CTD_DECODER_DEBUG"}
+    try:
+        return subprocess.Popen(
+            ["/bin/bash", "-c", f'exec 3<&{read_end} {read_end}<&-; exec "$@"', "sh",
+             *command, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(read_end,), env=env,
+        )
+    finally:
+        os.close(read_end)
+
+
+def test_sigint_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    import signal
+    import threading
+
+    from tests.support import decoder_command
+
+    ciphertext, descriptor, _, args = large_layer(tmp_path)
+    process = start_with_payload(decoder_command(), args, payload_bytes(descriptor))
+    assert process.stdin is not None and process.stdout is not None
+    stdin = process.stdin
+
+    def feed() -> None:  # 2 MiB, from a thread: the decoder's stdout may fill first
+        try:
+            stdin.write(ciphertext[: 2 << 20])
+            stdin.flush()
+        except BrokenPipeError:  # it stopped reading: interrupted
+            pass
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    assert process.stdout.read(1), "the decoder is in its loop, releasing"
+    process.send_signal(signal.SIGINT)
+    stdout_rest = process.stdout.read()
+    feeder.join()
+    with contextlib.suppress(BrokenPipeError):
+        stdin.close()
+    stderr = process.stderr.read() if process.stderr else b""
+    process.wait(timeout=60)
+    assert len(stdout_rest) < len(ciphertext)
+    assert process.returncode == 130
+    lines = stderr.decode().splitlines()
+    assert lines == ["ctd-decoder: interrupted (SIGINT); the layer was not written in full"]
+
+
+def test_non_blocking_stdin_and_stdout_are_waited_on(tmp_path: Path) -> None:
+    # Whoever starts the decoder may hand it pipes in O_NONBLOCK mode: EAGAIN means wait.
+    import sys
+    import threading
+    import time
+
+    ciphertext, descriptor, plaintext, args = large_layer(tmp_path)
+    set_nonblocking = (
+        "import fcntl, os, sys\n"
+        "for fd in (0, 1):\n"
+        "    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'decoder', *sys.argv[1:]])\n"
+    )
+    process = start_with_payload([sys.executable, "-c", set_nonblocking], args,
+                                 payload_bytes(descriptor))
+    assert process.stdin is not None and process.stdout is not None
+
+    def feed_slowly() -> None:
+        assert process.stdin is not None
+        for start in range(0, len(ciphertext), 512 * 1024):
+            process.stdin.write(ciphertext[start : start + 512 * 1024])
+            process.stdin.flush()
+            time.sleep(0.02)  # the decoder finds stdin empty: EAGAIN
+        process.stdin.close()
+
+    feeder = threading.Thread(target=feed_slowly)
+    feeder.start()
+    out = bytearray()
+    while chunk := process.stdout.read(256 * 1024):
+        out += chunk
+        time.sleep(0.005)  # and stdout full: EAGAIN
+    feeder.join()
+    stderr = process.stderr.read() if process.stderr else b""
+    assert process.wait(timeout=60) == 0, stderr
+    assert bytes(out) == plaintext
