@@ -178,7 +178,7 @@ STD_STREAMS = {0: "stdin (fd 0), where containerd passes the ciphertext",
                1: "stdout (fd 1), where the plaintext goes"}
 
 
-def _fill_closed_std_fds() -> list[int]:
+def fill_closed_std_fds() -> list[int]:
     """Put /dev/null on any of fds 0-2 that are closed, so no file opened later (a key, the
     spool) takes their place and gets written to or read as the layer; return those of 0
     and 1 that were closed."""
@@ -217,7 +217,7 @@ def run(args: list[str]) -> int:
     # Library warnings (a deprecated certificate encoding in a stray file, say) would add
     # lines to the stderr that containerd shows as the error.
     warnings.simplefilter("ignore")
-    closed = _fill_closed_std_fds()
+    closed = fill_closed_std_fds()
     try:
         values, action = parse_args(args)
         if action == "help":

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TextIO
 
 from decoder import __version__
-from decoder.cli import escape_controls, one_line
+from decoder.cli import escape_controls, fill_closed_std_fds, one_line
 from decoder.errors import DecoderError, UsageError
 
 PROGRAM = "ctd-encoder"
@@ -329,7 +329,9 @@ def console_main() -> NoReturn:
     """The ctd-encoder console script: main(), then out without the interpreter's teardown,
     during which a late SIGINT or SIGTERM would turn a finished, reported run into a death by
     signal (its handlers are reset to the defaults there)."""
-    code = main()
+    code = _refuse_closed_std_streams()
+    if code is None:
+        code = main()
     for number in (*_STOP_SIGNALS, signal.SIGINT):
         signal.signal(number, signal.SIG_IGN)  # the run is over, its result reported
     for stream in (sys.stdout, sys.stderr):
@@ -338,6 +340,19 @@ def console_main() -> NoReturn:
         except (OSError, ValueError, AttributeError):
             code = code or 1
     os._exit(code)
+
+
+def _refuse_closed_std_streams() -> int | None:
+    """Exit status 1 when stdout was closed at start (where the results go); a closed stderr
+    becomes /dev/null, so messages are lost but not the run. Closed fds get /dev/null either
+    way, so no file the run opens takes their number."""
+    fill_closed_std_fds()
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # for the whole run
+    if sys.stdout is None:
+        sys.stderr.write(f"{PROGRAM}: stdout (fd 1) is closed; nothing was done\n")
+        return 1
+    return None
 
 
 def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:
