@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TextIO
 
 from decoder import __version__
 from decoder.cli import escape_controls, fill_closed_std_fds, one_line
-from decoder.errors import DecoderError, UsageError
+from decoder.errors import DecoderError, OutputError, UsageError
 
 PROGRAM = "ctd-encoder"
 _MIB = 1024 * 1024
@@ -168,6 +168,8 @@ class TerminalReporter:
         the file descriptor when there is one, since a buffered stream can lose the error
         of a pipe closed after a partial write and exit 0 with its output cut short."""
         data = "\n".join(escape_controls(line) for line in text.split("\n")) + "\n"
+        if self.out is None:  # fd 1 was closed when the program started
+            raise OutputError("cannot write the results: stdout (fd 1) is closed")
         try:
             fd = self.out.fileno()
         except (AttributeError, OSError, ValueError):  # not a real file (tests: captured)
@@ -329,30 +331,34 @@ def console_main() -> NoReturn:
     """The ctd-encoder console script: main(), then out without the interpreter's teardown,
     during which a late SIGINT or SIGTERM would turn a finished, reported run into a death by
     signal (its handlers are reset to the defaults there)."""
-    code = _refuse_closed_std_streams()
-    if code is None:
-        code = main()
+    _guard_closed_std_streams()
+    code = main()
     for number in (*_STOP_SIGNALS, signal.SIGINT):
         signal.signal(number, signal.SIG_IGN)  # the run is over, its result reported
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # closed at start: nothing was written through it
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             code = code or 1
     os._exit(code)
 
 
-def _refuse_closed_std_streams() -> int | None:
-    """Exit status 1 when stdout was closed at start (where the results go); a closed stderr
-    becomes /dev/null, so messages are lost but not the run. Closed fds get /dev/null either
-    way, so no file the run opens takes their number."""
-    fill_closed_std_fds()
+def _guard_closed_std_streams() -> None:
+    """Fds 0-2 closed at start get /dev/null, so no file the run opens takes their number;
+    stdout's is read-only, so what is written there fails (payload) and result lines are
+    refused (TerminalReporter.say) rather than lost. A closed stderr loses only messages."""
+    closed = fill_closed_std_fds()
+    if 1 in closed:
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 1)
+            os.close(null)
+        except OSError:
+            pass
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # for the whole run
-    if sys.stdout is None:
-        sys.stderr.write(f"{PROGRAM}: stdout (fd 1) is closed; nothing was done\n")
-        return 1
-    return None
 
 
 def _main(argv: list[str] | None, reporter: TerminalReporter) -> int:

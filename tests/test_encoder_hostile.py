@@ -613,6 +613,31 @@ def test_payload_to_a_closed_or_full_stdout_is_one_line(tmp_path: Path) -> None:
                 "give -o FILE")
 
 
+def test_a_closed_stdout_or_stderr_at_start(tmp_path: Path) -> None:
+    layer = encrypt_layer(os.urandom(5000), [PUB])
+    builder = LayoutBuilder(tmp_path / "src")
+    builder.blob(layer.ciphertext)
+    builder.add(manifest_of(builder, [layer.descriptor]))
+    source = f"oci:{tmp_path / 'src'}"
+
+    def run_with(redirect: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["/bin/bash", "-c", f'exec "$@" {redirect}', "sh", str(SCRIPT),
+                               *args], capture_output=True, text=True, check=False)
+
+    closed_stdout = run_with(">&-", "layerinfo", source)
+    refused(Run(closed_stdout.returncode, "", closed_stdout.stderr),
+            "cannot write the results: stdout (fd 1) is closed")
+    closed_stderr = run_with("2>&-", "layerinfo", source)
+    assert closed_stderr.returncode == 0 and "not encrypted" not in closed_stderr.stdout
+    assert str(layer.descriptor["digest"]) in closed_stderr.stdout
+    failing = run_with("2>&-", "layerinfo", f"oci:{tmp_path / 'missing'}")
+    assert (failing.returncode, failing.stdout, failing.stderr) == (1, "", "")
+    payload_file = tmp_path / "payload.bin"
+    to_file = run_with(">&-", "payload", "--layer", "0", "-o", str(payload_file), source)
+    assert to_file.returncode == 0, to_file.stderr
+    assert payload_file.stat().st_size > 0
+
+
 def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
     """`nohup ctd-encoder ...`: a hangup must not stop the run."""
     _large_image(tmp_path / "src")
