@@ -231,19 +231,21 @@ class LayerDecryptor:
         if (hasher is not None or self._pair is not None) and out.obj is ciphertext.obj:
             raise ValueError("update_into cannot decrypt in place here: the HMAC runs after it")
         if hasher is None and self._pair is None:
-            self._mac.update(ciphertext)
+            self._mac.update(ciphertext)  # before decrypting, which may be in place
         n = self._ctr.update_into(ciphertext, out)
+        plaintext = out[:n]
         updates: Updates
         if self._pair is not None:
-            updates = ((self._pair, (ciphertext, out[:n])),)
+            updates = ((self._pair, (ciphertext, plaintext)),)
+        elif hasher is not None:
+            updates = ((self._mac, ciphertext), (self._digest, plaintext))
         else:
-            updates = ((self._mac, ciphertext), (self._digest, out[:n]))
+            updates = ((self._digest, plaintext),)
         if hasher is not None:
             hasher.submit(updates)
-        elif self._pair is not None:
-            self._pair.update((ciphertext, out[:n]))
         else:
-            self._digest.update(out[:n])
+            for context, data in updates:
+                context.update(data)
         self.bytes_processed += n
         return n
 
